@@ -1,0 +1,1 @@
+"""Corpus loading, normalisation, language balancing, packing and prompts."""

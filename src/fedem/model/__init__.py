@@ -1,0 +1,1 @@
+"""Seshu: configs, the tokenizer, loading, and the selective-scan reference."""

@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny tokenizer and a tiny randomly initialised Seshu checkpoint.
+
+Both are built from the shipped data in seconds, once per test session.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from fedem.data.balance import balance
+from fedem.data.corpus import load_mono
+from fedem.model.seshu import SeshuSize, build_model
+from fedem.model.tokenizer import save_tokenizer, train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+TINY = SeshuSize(hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=16, chunk_size=16)
+TEST_LANGUAGES = ["en", "hi", "ta"]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFast:
+    """A 1,000-token BPE over a few hundred lines of English, Hindi and Tamil."""
+    corpus = {lang: lines[:400] for lang, lines in load_mono(DATA / "mono", languages=TEST_LANGUAGES).items()}
+    tokenizer = train_bpe(balance(corpus, temperature=3.0), vocab_size=1000)
+    save_tokenizer(tokenizer, tmp_path_factory.mktemp("tokenizer"))
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    """A saved, randomly initialised tiny Seshu with its tokenizer (treat as read-only)."""
+    torch.manual_seed(0)
+    model = build_model(TINY, tiny_tokenizer)
+    out = tmp_path_factory.mktemp("tiny-model")
+    model.save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
