@@ -43,3 +43,33 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Pre
     model.save_pretrained(out)
     tiny_tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_mono(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mono folder with 300 training and 16 held-out lines of English and Hindi (fast to tokenise)."""
+    folder = tmp_path_factory.mktemp("mono")
+    for lang in ("en", "hi"):
+        for suffix, count in ((".txt", 300), (".valid.txt", 16)):
+            lines = (DATA / "mono" / f"{lang}{suffix}").read_text(encoding="utf-8").splitlines()[:count]
+            (folder / f"{lang}{suffix}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def tiny_pretrain_data(tokenizer_dir: Path, mono: Path, out: Path, **train: object) -> dict[str, object]:
+    """Config data for a seconds-long tiny pretraining run."""
+    return {
+        "model": TINY.model_dump(),
+        "tokenizer": str(tokenizer_dir),
+        "data": {"mono": str(mono), "seq_len": 64, "eval_lines": 4},
+        "train": {"max_steps": 20, "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 2, "log_every": 2,
+                  "eval_every": 10, "save_every": 10, **train},
+        "out": str(out),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    save_tokenizer(tiny_tokenizer, out)
+    return out

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedem.errors import UserError
@@ -33,7 +33,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> PreTraine
         raise UserError(f"{model_dir} holds no *.safetensors weights")
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    except (SafetensorsError, OSError, ValueError, RuntimeError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load checkpoint {model_dir}: {first_line}") from None
     return model
@@ -62,6 +62,6 @@ def load_adapter(model: PreTrainedModel, adapter_dir: Path, base_dir: Path, trai
     check_adapter_base(adapter_dir, base_dir)
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
-    except (SafetensorsError, OSError, ValueError, RuntimeError, KeyError) as err:
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load adapter {adapter_dir}: {first_line}") from None

@@ -1,0 +1,1 @@
+"""Pretraining, continued pretraining and LoRA fine-tuning: one code path over the HF Trainer."""

@@ -1,0 +1,117 @@
+"""`fedem finetune`: train a LoRA adapter on a Seshu base, for translation or for a language's text.
+
+The adapter is saved alone (`adapter_model.safetensors` + `adapter_config.json`, loadable with
+`PeftModel.from_pretrained`) with `fedem.json` recording the base's sha256, so merging and the hub can
+refuse it on another base. `init` continues an existing adapter — loaded *trainable*: peft loads
+adapters frozen by default, and training a frozen relayed adapter silently changes nothing.
+"""
+
+import logging
+import random
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+
+from fedem.config import to_plain
+from fedem.data.corpus import load_mono, read_pairs
+from fedem.data.packing import Examples, pad_batch, prompt_response
+from fedem.data.prompts import translation_examples
+from fedem.errors import UserError
+from fedem.model.load import load_adapter, load_model, load_tokenizer
+from fedem.provenance import weights_fingerprint, write_provenance
+from fedem.train.config import FinetuneConfig
+from fedem.train.plot import plot_metrics
+from fedem.train.trainer import run_training
+
+log = logging.getLogger(__name__)
+
+
+def translation_rows(cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int]]]:
+    """Prompt/response rows from the pairs file; the loss is on the response (and its EOS) only."""
+    assert cfg.pairs is not None
+    rows = []
+    for pair in read_pairs(cfg.pairs):
+        for prompt, response in translation_examples(pair, cfg.direction):
+            prompt_ids = tokenizer(prompt)["input_ids"]  # starts with BOS
+            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            rows.append(prompt_response(prompt_ids, response_ids, cfg.max_length))
+    return rows
+
+
+def text_rows(cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int]]]:
+    """One row per line of text, `[BOS] line [EOS]`, every token learned."""
+    assert cfg.data is not None
+    lines = [line for lang_lines in load_mono(cfg.data).values() for line in lang_lines]
+    rows = []
+    for ids in tokenizer(lines)["input_ids"]:
+        full = (ids + [tokenizer.eos_token_id])[: cfg.max_length]
+        rows.append((full, list(full)))
+    return rows
+
+
+def split_rows(
+    rows: list[tuple[list[int], list[int]]], eval_size: int, seed: int
+) -> tuple[Examples, Examples | None]:
+    """A seeded shuffle, then the last `eval_size` rows held out (never trained on)."""
+    if len(rows) <= eval_size:
+        raise UserError(f"only {len(rows)} examples: need more than eval_size={eval_size}")
+    shuffled = list(rows)
+    random.Random(seed).shuffle(shuffled)
+    if eval_size == 0:
+        return Examples(shuffled), None
+    return Examples(shuffled[:-eval_size]), Examples(shuffled[-eval_size:])
+
+
+def adapter_model(cfg: FinetuneConfig) -> PeftModel:
+    """The base with a fresh LoRA adapter, or with `cfg.init` loaded trainable."""
+    base = load_model(cfg.base)
+    if cfg.init is not None:
+        model = load_adapter(base, cfg.init, cfg.base, trainable=True)
+    else:
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise RuntimeError("the adapter has no trainable parameters")
+    return model
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
+    """Train a LoRA adapter as `cfg` describes; returns a JSON-able summary."""
+    tokenizer = load_tokenizer(cfg.base)
+    rows = translation_rows(cfg, tokenizer) if cfg.task == "translate" else text_rows(cfg, tokenizer)
+    train_set, eval_set = split_rows(rows, cfg.eval_size, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = adapter_model(cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    base_sha256 = weights_fingerprint(cfg.base)
+    write_provenance(cfg.out, "finetune", to_plain(cfg), base_sha256=base_sha256)
+    trainer = run_training(
+        model, tokenizer, train_set, eval_set, cfg.train, cfg.out,
+        collator=partial(pad_batch, pad_id=tokenizer.pad_token_id), resume=resume, callbacks=callbacks,
+    )
+    plot = plot_metrics(cfg.out)
+    final = {k: v for row in trainer.state.log_history for k, v in row.items() if k == "eval_loss"}
+    return {
+        "out": str(cfg.out),
+        "steps": trainer.state.global_step,
+        "trainable_parameters": trainable,
+        "train_examples": len(train_set),
+        "base_sha256": base_sha256,
+        "plot": str(plot) if plot else None,
+        "metrics": final,
+    }
+
