@@ -113,13 +113,25 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return evaluate(
         model_dir=args.model, out=args.out, adapter=args.adapter, mono=args.mono, pairs=args.pairs,
         languages=args.languages, max_lines=args.max_lines, max_pairs=args.max_pairs,
+        directions=(args.directions,), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
-    from fedem.generate import run_generate
+    from transformers import TextStreamer
 
-    return run_generate(args)
+    from fedem.generate import decoding_config, generate, load_for_inference
+
+    cfg = decoding_config(
+        strategy=args.strategy, num_beams=args.num_beams, top_k=args.top_k, top_p=args.top_p,
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        repetition_penalty=args.repetition_penalty,
+    )
+    model, tokenizer = load_for_inference(args.model, args.adapter)
+    print(args.prompt, end="", flush=True)
+    text = generate(model, tokenizer, args.prompt, cfg, TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    print(flush=True)  # the streamer leaves the cursor mid-line
+    return {"prompt": args.prompt, "completion": text, "decoding": cfg.model_dump()}
 
 
 # --- parser ---------------------------------------------------------------------------------------
@@ -203,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--languages", type=_languages)
     ev.add_argument("--max-lines", type=int, default=200, help="held-out lines per language")
     ev.add_argument("--max-pairs", type=int, default=50, help="test pairs per language for chrF/BLEU")
+    ev.add_argument("--directions", choices=["en-xx", "xx-en", "both"], default="en-xx")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="translation length cap")
     ev.add_argument("--out", type=Path)
     _add_common(ev)
     ev.set_defaults(handler=cmd_evaluate)
@@ -212,12 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", type=Path)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--strategy", choices=["greedy", "beam", "sample"], default="greedy")
-    gen.add_argument("--num-beams", type=int, default=4)
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--num-beams", type=int, help="beams (strategy beam; default 4)")
+    gen.add_argument("--top-k", type=int, help="sample from the k most likely tokens (strategy sample)")
+    gen.add_argument("--top-p", type=float, help="nucleus sampling mass (strategy sample)")
+    gen.add_argument("--temperature", type=float, help="softmax temperature (strategy sample)")
+    gen.add_argument("--repetition-penalty", type=float)
     gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, help="sampling seed (default 0)")
     _add_common(gen)
     gen.set_defaults(handler=cmd_generate)
     return parser

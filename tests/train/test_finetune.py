@@ -1,0 +1,90 @@
+"""LoRA fine-tuning: response-only loss, a portable adapter, `--init` continues a trainable adapter."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedem.config import validate
+from fedem.data.packing import IGNORE_INDEX
+from fedem.errors import UserError
+from fedem.model.load import load_tokenizer
+from fedem.provenance import weights_fingerprint
+from fedem.train.config import FinetuneConfig
+from fedem.train.finetune import finetune, translation_rows
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("pairs") / "en-hi.tsv"
+    lines = (data_dir / "parallel" / "en-hi.tsv").read_text(encoding="utf-8").splitlines()[:120]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _config(base: Path, pairs: Path, out: Path, **extra: object) -> FinetuneConfig:
+    data = {"base": str(base), "pairs": str(pairs), "out": str(out), "eval_size": 8, "max_length": 96,
+            "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 0,
+                      "log_every": 2, "eval_every": 3, "save_every": 3}, **extra}
+    return validate(FinetuneConfig, data)
+
+
+def test_loss_is_on_the_response_only(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    cfg = _config(tiny_model_dir, pairs, tmp_path, max_length=1024)
+
+    input_ids, labels = translation_rows(cfg, tokenizer)[0]
+
+    prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    prompt = tokenizer.decode(input_ids[:prompt_length], skip_special_tokens=True)
+    response = tokenizer.decode(labels[prompt_length:], skip_special_tokens=True)
+    assert prompt.startswith("English: ") and prompt.endswith("\nHindi:")
+    assert labels[prompt_length:] == input_ids[prompt_length:]
+    assert labels[-1] == tokenizer.eos_token_id
+    assert response.startswith(" ") and "\t" not in response
+
+
+def test_adapter_is_saved_alone_and_loads_with_plain_peft(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "adapter"
+
+    summary = finetune(_config(tiny_model_dir, pairs, out))
+
+    assert summary["steps"] == 6 and summary["trainable_parameters"] > 0
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert not (out / "model.safetensors").exists()
+    assert json.loads((out / "fedem.json").read_text())["base_sha256"] == weights_fingerprint(tiny_model_dir)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        base = AutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})
+        model = PeftModel.from_pretrained(base, {str(out)!r})
+        assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+        assert "fedem" not in sys.modules
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+
+
+def test_init_continues_and_changes_the_adapter(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    finetune(_config(tiny_model_dir, pairs, first))
+
+    finetune(_config(tiny_model_dir, pairs, tmp_path / "second", init=str(first)))
+
+    before = load_file(first / "adapter_model.safetensors")
+    after = load_file(tmp_path / "second" / "adapter_model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
+
+
+def test_ineffective_lora_targets_are_refused(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="out_proj"):
+        _config(tiny_model_dir, pairs, tmp_path, lora={"target_modules": ["out_proj"]})
