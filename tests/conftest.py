@@ -62,14 +62,24 @@ def tiny_pretrain_data(tokenizer_dir: Path, mono: Path, out: Path, **train: obje
         "model": TINY.model_dump(),
         "tokenizer": str(tokenizer_dir),
         "data": {"mono": str(mono), "seq_len": 64, "eval_lines": 4},
-        "train": {"max_steps": 20, "batch_size": 4, "learning_rate": 3e-3, "warmup_steps": 2, "log_every": 2,
-                  "eval_every": 10, "save_every": 10, **train},
+        "train": {
+            "max_steps": 20,
+            "batch_size": 4,
+            "learning_rate": 3e-3,
+            "warmup_steps": 2,
+            "log_every": 2,
+            "eval_every": 10,
+            "save_every": 10,
+            **train,
+        },
         "out": str(out),
     }
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast) -> Path:
+def tiny_tokenizer_dir(
+    tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: PreTrainedTokenizerFast
+) -> Path:
     out = tmp_path_factory.mktemp("tiny-tokenizer")
     save_tokenizer(tiny_tokenizer, out)
     return out

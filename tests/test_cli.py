@@ -23,7 +23,15 @@ def _fails_cleanly(capsys: pytest.CaptureFixture[str], argv: list[str], expected
 def test_missing_file(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path) -> None:
     _fails_cleanly(
         capsys,
-        ["finetune", "--base", str(tiny_model_dir), "--pairs", str(tmp_path / "nope.tsv"), "--out", str(tmp_path)],
+        [
+            "finetune",
+            "--base",
+            str(tiny_model_dir),
+            "--pairs",
+            str(tmp_path / "nope.tsv"),
+            "--out",
+            str(tmp_path),
+        ],
         "no such file",
     )
 
@@ -47,10 +55,14 @@ def test_malformed_tsv_line(capsys: pytest.CaptureFixture[str], tiny_model_dir: 
 
 
 def test_unknown_config_key(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    _fails_cleanly(capsys, ["pretrain", "--config", "configs/seshu-tiny.yaml", "train.bogus=1"], "train.bogus")
+    _fails_cleanly(
+        capsys, ["pretrain", "--config", "configs/seshu-tiny.yaml", "train.bogus=1"], "train.bogus"
+    )
 
 
-def test_adapter_for_another_base(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_adapter_for_another_base(
+    capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path
+) -> None:
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
@@ -70,7 +82,8 @@ def test_corrupt_checkpoint_exits_2_in_a_real_process(tiny_model_dir: Path, tmp_
 
     result = subprocess.run(
         [sys.executable, "-m", "fedem.cli", "generate", "--model", str(broken), "--prompt", "hi"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
 
     assert result.returncode == 2

@@ -23,8 +23,10 @@ def test_every_shipped_config_validates(path: Path) -> None:
 
 
 def test_overrides_are_parsed_as_yaml_values() -> None:
-    data = apply_overrides({"train": {"max_steps": 5}}, ["train.max_steps=7", "train.learning_rate=0.001",
-                                                        "data.languages=[hi, ta]"])
+    data = apply_overrides(
+        {"train": {"max_steps": 5}},
+        ["train.max_steps=7", "train.learning_rate=0.001", "data.languages=[hi, ta]"],
+    )
     assert data == {"train": {"max_steps": 7, "learning_rate": 1e-3}, "data": {"languages": ["hi", "ta"]}}
 
 

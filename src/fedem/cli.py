@@ -88,9 +88,16 @@ def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
 
     data = _config_data(args)
     for key, value in (
-        ("base", args.base), ("task", args.task), ("pairs", args.pairs), ("data", args.data),
-        ("direction", args.direction), ("init", args.init), ("out", args.out),
-        ("train.max_steps", args.max_steps), ("lora.r", args.rank), ("lora.alpha", args.alpha),
+        ("base", args.base),
+        ("task", args.task),
+        ("pairs", args.pairs),
+        ("data", args.data),
+        ("direction", args.direction),
+        ("init", args.init),
+        ("out", args.out),
+        ("train.max_steps", args.max_steps),
+        ("lora.r", args.rank),
+        ("lora.alpha", args.alpha),
         ("lora.target_modules", args.targets),
     ):
         _set(data, key, value)
@@ -102,8 +109,13 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     from fedem.merge import merge
 
     return merge(
-        base=args.base, adapters=args.adapters, method=args.method, out=args.out,
-        weights=args.weights, density=args.density, seed=args.seed,
+        base=args.base,
+        adapters=args.adapters,
+        method=args.method,
+        out=args.out,
+        weights=args.weights,
+        density=args.density,
+        seed=args.seed,
     )
 
 
@@ -111,9 +123,17 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from fedem.evaluate import evaluate
 
     return evaluate(
-        model_dir=args.model, out=args.out, adapter=args.adapter, mono=args.mono, pairs=args.pairs,
-        languages=args.languages, max_lines=args.max_lines, max_pairs=args.max_pairs,
-        directions=(args.directions,), batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        model_dir=args.model,
+        out=args.out,
+        adapter=args.adapter,
+        mono=args.mono,
+        pairs=args.pairs,
+        languages=args.languages,
+        max_lines=args.max_lines,
+        max_pairs=args.max_pairs,
+        directions=(args.directions,),
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
     )
 
 
@@ -123,13 +143,24 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from fedem.generate import decoding_config, generate, load_for_inference
 
     cfg = decoding_config(
-        strategy=args.strategy, num_beams=args.num_beams, top_k=args.top_k, top_p=args.top_p,
-        temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed,
+        strategy=args.strategy,
+        num_beams=args.num_beams,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
         repetition_penalty=args.repetition_penalty,
     )
     model, tokenizer = load_for_inference(args.model, args.adapter)
     print(args.prompt, end="", flush=True)
-    text = generate(model, tokenizer, args.prompt, cfg, TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
+    text = generate(
+        model,
+        tokenizer,
+        args.prompt,
+        cfg,
+        TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
+    )
     print(flush=True)  # the streamer leaves the cursor mid-line
     return {"prompt": args.prompt, "completion": text, "decoding": cfg.model_dump()}
 
@@ -144,12 +175,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML recipe (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=4")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=4"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedem", description="Train Seshu, a multilingual Mamba LM, together.")
+    parser = argparse.ArgumentParser(
+        prog="fedem", description="Train Seshu, a multilingual Mamba LM, together."
+    )
     parser.add_argument("--version", action="version", version=f"fedem {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -198,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("--base", type=Path, required=True)
     mrg.add_argument("--adapters", type=Path, nargs="+", required=True)
     mrg.add_argument(
-        "--method", default="linear", choices=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+        "--method",
+        default="linear",
+        choices=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"],
     )
     mrg.add_argument("--weights", type=float, nargs="+", help="one weight per adapter")
     mrg.add_argument("--density", type=float, help="fraction of ΔW entries kept (ties, dare_*)")
@@ -211,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", type=Path, required=True)
     ev.add_argument("--adapter", type=Path)
     ev.add_argument("--mono", type=Path, default=Path("data/mono"), help="folder with <lang>.valid.txt")
-    ev.add_argument("--pairs", type=Path, default=Path("data/parallel"), help="folder with en-<lang>.test.tsv")
+    ev.add_argument(
+        "--pairs", type=Path, default=Path("data/parallel"), help="folder with en-<lang>.test.tsv"
+    )
     ev.add_argument("--languages", type=_languages)
     ev.add_argument("--max-lines", type=int, default=200, help="held-out lines per language")
     ev.add_argument("--max-pairs", type=int, default=50, help="test pairs per language for chrF/BLEU")
@@ -244,7 +283,9 @@ def _configure_logging(verbose: bool) -> None:
 
     handler = RichHandler(console=None, show_path=False, rich_tracebacks=False)
     handler.console.stderr = True
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], format="%(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], format="%(message)s"
+    )
     for noisy in ("matplotlib", "PIL", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

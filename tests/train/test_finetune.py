@@ -28,9 +28,23 @@ def pairs(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 
 
 def _config(base: Path, pairs: Path, out: Path, **extra: object) -> FinetuneConfig:
-    data = {"base": str(base), "pairs": str(pairs), "out": str(out), "eval_size": 8, "max_length": 96,
-            "train": {"max_steps": 6, "batch_size": 4, "learning_rate": 5e-3, "warmup_steps": 0,
-                      "log_every": 2, "eval_every": 3, "save_every": 3}, **extra}
+    data = {
+        "base": str(base),
+        "pairs": str(pairs),
+        "out": str(out),
+        "eval_size": 8,
+        "max_length": 96,
+        "train": {
+            "max_steps": 6,
+            "batch_size": 4,
+            "learning_rate": 5e-3,
+            "warmup_steps": 0,
+            "log_every": 2,
+            "eval_every": 3,
+            "save_every": 3,
+        },
+        **extra,
+    }
     return validate(FinetuneConfig, data)
 
 
@@ -49,7 +63,9 @@ def test_loss_is_on_the_response_only(tiny_model_dir: Path, pairs: Path, tmp_pat
     assert response.startswith(" ") and "\t" not in response
 
 
-def test_adapter_is_saved_alone_and_loads_with_plain_peft(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:
+def test_adapter_is_saved_alone_and_loads_with_plain_peft(
+    tiny_model_dir: Path, pairs: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "adapter"
 
     summary = finetune(_config(tiny_model_dir, pairs, out))

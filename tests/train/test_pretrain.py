@@ -78,7 +78,9 @@ pretrain(validate(PretrainConfig, {data!r}), callbacks=[Crash()])
 """
 
 
-def test_killed_run_resumes_to_the_same_final_step(tiny_tokenizer_dir: Path, small_mono: Path, tmp_path: Path) -> None:
+def test_killed_run_resumes_to_the_same_final_step(
+    tiny_tokenizer_dir: Path, small_mono: Path, tmp_path: Path
+) -> None:
     data = tiny_pretrain_data(tiny_tokenizer_dir, small_mono, tmp_path / "run", max_steps=20)
     crashed = subprocess.run([sys.executable, "-c", CRASH.format(data=data)], capture_output=True)
     assert crashed.returncode == -9
@@ -95,10 +97,20 @@ def test_killed_run_resumes_to_the_same_final_step(tiny_tokenizer_dir: Path, sma
 
 def test_continued_pretraining_starts_from_the_checkpoint(pretrained: Path, tmp_path: Path) -> None:
     text = tmp_path / "new.txt"
-    text.write_text("\n".join(["fresh text for continued pretraining, line %d" % i for i in range(200)]))
-    data = {"init_from": str(pretrained), "data": {"mono": str(text), "seq_len": 64},
-            "train": {"max_steps": 4, "batch_size": 4, "warmup_steps": 0, "log_every": 2, "eval_every": 4,
-                      "save_every": 4}, "out": str(tmp_path / "cpt")}
+    text.write_text("\n".join([f"fresh text for continued pretraining, line {i}" for i in range(200)]))
+    data = {
+        "init_from": str(pretrained),
+        "data": {"mono": str(text), "seq_len": 64},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "warmup_steps": 0,
+            "log_every": 2,
+            "eval_every": 4,
+            "save_every": 4,
+        },
+        "out": str(tmp_path / "cpt"),
+    }
 
     summary = pretrain(validate(PretrainConfig, data))
 

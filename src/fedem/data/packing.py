@@ -48,7 +48,9 @@ def pack(documents: Iterable[Sequence[int]], block_size: int, pad_id: int) -> Ex
     return Examples(rows)
 
 
-def prompt_response(prompt_ids: list[int], response_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
+def prompt_response(
+    prompt_ids: list[int], response_ids: list[int], max_length: int
+) -> tuple[list[int], list[int]]:
     """One fine-tuning row: the loss is on the response tokens only; truncated to `max_length`."""
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]

@@ -22,9 +22,7 @@ TEMPLATE = "{src_name}: {source}\n{tgt_name}:"
 
 def translation_prompt(source: str, src_lang: str, tgt_lang: str) -> str:
     """The prompt asking to translate `source` from `src_lang` into `tgt_lang`."""
-    return TEMPLATE.format(
-        src_name=language(src_lang).name, source=source, tgt_name=language(tgt_lang).name
-    )
+    return TEMPLATE.format(src_name=language(src_lang).name, source=source, tgt_name=language(tgt_lang).name)
 
 
 def translation_examples(pair: Pair, direction: Direction) -> list[tuple[str, str]]:

@@ -46,12 +46,13 @@ def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
         return  # an adapter fedem did not write: nothing recorded to check against
     if recorded != weights_fingerprint(base_dir):
         raise UserError(
-            f"adapter {adapter_dir} was trained on another base (sha256 {recorded[:12]}…), "
-            f"not on {base_dir}"
+            f"adapter {adapter_dir} was trained on another base (sha256 {recorded[:12]}…), not on {base_dir}"
         )
 
 
-def load_adapter(model: PreTrainedModel, adapter_dir: Path, base_dir: Path, trainable: bool = False) -> PeftModel:
+def load_adapter(
+    model: PreTrainedModel, adapter_dir: Path, base_dir: Path, trainable: bool = False
+) -> PeftModel:
     """Wrap `model` with the LoRA adapter in `adapter_dir`, checking it belongs to `base_dir`.
 
     `trainable=True` is how a relayed adapter is continued: peft loads adapters frozen by default,

@@ -14,6 +14,7 @@ Glossary (Mamba-2 paper → config field):
     Q        chunk_size         block length of the chunked (SSD) scan
 """
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerBase
 
@@ -80,6 +81,6 @@ def build_model(size: SeshuSize, tokenizer: PreTrainedTokenizerBase) -> Mamba2Fo
     return ARCHITECTURE(seshu_config(size, tokenizer))
 
 
-def count_parameters(model: Mamba2ForCausalLM) -> int:
+def count_parameters(model: torch.nn.Module) -> int:
     """Parameters counted once (tied input/output embeddings are one matrix)."""
     return sum(p.numel() for p in model.parameters())

@@ -10,7 +10,6 @@ import logging
 import random
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,14 +30,18 @@ from fedem.train.trainer import run_training
 log = logging.getLogger(__name__)
 
 
-def translation_rows(cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[tuple[list[int], list[int]]]:
+def translation_rows(
+    cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[list[int], list[int]]]:
     """Prompt/response rows from the pairs file; the loss is on the response (and its EOS) only."""
     assert cfg.pairs is not None
     rows = []
     for pair in read_pairs(cfg.pairs):
         for prompt, response in translation_examples(pair, cfg.direction):
             prompt_ids = tokenizer(prompt)["input_ids"]  # starts with BOS
-            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
             rows.append(prompt_response(prompt_ids, response_ids, cfg.max_length))
     return rows
 
@@ -87,7 +90,9 @@ def adapter_model(cfg: FinetuneConfig) -> PeftModel:
     return model
 
 
-def finetune(cfg: FinetuneConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
+def finetune(
+    cfg: FinetuneConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()
+) -> dict[str, Any]:
     """Train a LoRA adapter as `cfg` describes; returns a JSON-able summary."""
     tokenizer = load_tokenizer(cfg.base)
     rows = translation_rows(cfg, tokenizer) if cfg.task == "translate" else text_rows(cfg, tokenizer)
@@ -100,8 +105,15 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, callbacks: Sequence[Trai
     base_sha256 = weights_fingerprint(cfg.base)
     write_provenance(cfg.out, "finetune", to_plain(cfg), base_sha256=base_sha256)
     trainer = run_training(
-        model, tokenizer, train_set, eval_set, cfg.train, cfg.out,
-        collator=partial(pad_batch, pad_id=tokenizer.pad_token_id), resume=resume, callbacks=callbacks,
+        model,
+        tokenizer,
+        train_set,
+        eval_set,
+        cfg.train,
+        cfg.out,
+        collator=partial(pad_batch, pad_id=tokenizer.pad_token_id),
+        resume=resume,
+        callbacks=callbacks,
     )
     plot = plot_metrics(cfg.out)
     final = {k: v for row in trainer.state.log_history for k, v in row.items() if k == "eval_loss"}
@@ -114,4 +126,3 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, callbacks: Sequence[Trai
         "plot": str(plot) if plot else None,
         "metrics": final,
     }
-

@@ -15,7 +15,9 @@ def plot_metrics(out: Path, filename: str = "metrics.png") -> Path | None:
     rows = read_metrics(out)
     if not rows:
         return None
-    languages = sorted({key[5:-4] for row in rows for key in row if key.startswith("eval_") and key.endswith("_bpb")} - {""})
+    languages = sorted(
+        {key[5:-4] for row in rows for key in row if key.startswith("eval_") and key.endswith("_bpb")} - {""}
+    )
     figure, axes = plt.subplots(1, 2 if languages else 1, figsize=(12 if languages else 6, 4), squeeze=False)
     loss_axis = axes[0][0]
     for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):

@@ -7,7 +7,6 @@ Both go through the same path: load text â†’ balance languages by temperature â†
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,28 +44,42 @@ def _model_and_tokenizer(cfg: PretrainConfig) -> tuple[PreTrainedModel, PreTrain
     return build_model(cfg.model, tokenizer), tokenizer
 
 
-def pretrain(cfg: PretrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> dict[str, Any]:
+def pretrain(
+    cfg: PretrainConfig, resume: bool = False, callbacks: Sequence[TrainerCallback] = ()
+) -> dict[str, Any]:
     """Run (or resume) a pretraining job described by `cfg`; returns a JSON-able summary.
 
     The run folder `cfg.out` ends up holding the final checkpoint (config.json, model.safetensors,
     tokenizer), `checkpoint-N/` folders for resuming, `metrics.jsonl`, `metrics.png` and `fedem.json`.
     """
     model, tokenizer = _model_and_tokenizer(cfg)
-    corpus = balance(load_mono(cfg.data.mono, "train", cfg.data.languages), cfg.data.temperature, cfg.train.seed)
+    corpus = balance(
+        load_mono(cfg.data.mono, "train", cfg.data.languages), cfg.data.temperature, cfg.train.seed
+    )
     train_set = tokenise_corpus(corpus, tokenizer, cfg.data.seq_len, cfg.train.seed)
     heldout = _heldout(cfg, list(corpus))
     eval_set = tokenise_corpus(heldout, tokenizer, cfg.data.seq_len, cfg.train.seed) if heldout else None
     log.info(
         "%d parameters; %d training blocks of %d tokens (%d tokens)",
-        count_parameters(model), len(train_set), cfg.data.seq_len, train_set.num_tokens,
+        count_parameters(model),
+        len(train_set),
+        cfg.data.seq_len,
+        train_set.num_tokens,
     )
     provenance: dict[str, Any] = {"parameters": count_parameters(model), "train_tokens": train_set.num_tokens}
     if cfg.init_from is not None:
         provenance["init_from_sha256"] = weights_fingerprint(cfg.init_from)
     write_provenance(cfg.out, "pretrain", to_plain(cfg), **provenance)
     trainer = run_training(
-        model, tokenizer, train_set, eval_set, cfg.train, cfg.out,
-        heldout=heldout, resume=resume, callbacks=callbacks,
+        model,
+        tokenizer,
+        train_set,
+        eval_set,
+        cfg.train,
+        cfg.out,
+        heldout=heldout,
+        resume=resume,
+        callbacks=callbacks,
     )
     plot = plot_metrics(cfg.out)
     final = {k: v for row in trainer.state.log_history for k, v in row.items() if k.startswith("eval_")}

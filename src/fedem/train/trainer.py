@@ -10,9 +10,10 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from peft import PeftModel
 from torch.utils.data import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -62,7 +63,14 @@ class MetricsLog(TrainerCallback):
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: Any,
+        control: Any,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not state.is_world_process_zero or not logs:
             return
         with self.path.open("a", encoding="utf-8") as handle:
@@ -85,9 +93,11 @@ class SeshuTrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if not self.heldout:
             return metrics
+        model = cast(PreTrainedModel, self.model)
+        tokenizer = cast(PreTrainedTokenizerBase, self.processing_class)
         per_language: dict[str, float] = {}
         for lang, lines in self.heldout.items():
-            score = score_lines(self.model, self.processing_class, lines, batch_size=self.args.eval_batch_size)
+            score = score_lines(model, tokenizer, lines, batch_size=self.args.eval_batch_size)
             per_language[f"{metric_key_prefix}_{lang}_bpb"] = score.bits_per_byte
             per_language[f"{metric_key_prefix}_{lang}_ppl"] = score.perplexity
         bpbs = [v for k, v in per_language.items() if k.endswith("_bpb")]
@@ -97,7 +107,7 @@ class SeshuTrainer(Trainer):
 
 
 def run_training(
-    model: PreTrainedModel,
+    model: PreTrainedModel | PeftModel,
     tokenizer: PreTrainedTokenizerBase,
     train_set: Dataset,
     eval_set: Dataset | None,
