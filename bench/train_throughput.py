@@ -1,0 +1,477 @@
+"""Training throughput and peak memory of seshu-small: the chunked scan against the plain sequential scan.
+
+For each sequence length and each scan path (`fedem.model.scan.SCANS`: transformers' chunked SSD scan,
+and the step-by-step recurrence as the baseline) a fresh child process builds seshu-small over a
+16,000-token vocabulary, runs warm-up steps and then timed training steps (forward, backward, gradient
+clipping, AdamW) on random token ids, and reports
+
+    tokens/s = batch · length · steps / seconds        peak RSS (`ru_maxrss` of the child)
+
+One child per configuration keeps the peak-memory figures apart. The figure to compare across machines
+is the ratio chunked / sequential at each length, measured in the same run. Results, with the machine
+they were taken on, go to `<out>/train_throughput.json` and `.md`.
+
+Memory. The sequential scan keeps every time step's state for backward (layers · length · batch · heads
+· head_dim · state floats), which at length 1024 and batch 8 does not fit in a small machine. Each child
+runs under an address-space limit (`--mem-limit-gib`), so a configuration that does not fit fails alone
+instead of pushing the machine into the OOM killer. The sequential path then runs at the largest halved
+batch that is predicted to fit (from the overhead measured at the shorter length) and does fit, and the
+chunked scan is timed again at that batch, so that every ratio compares like with like.
+
+    python bench/train_throughput.py                      # lengths 256 1024, batch 8 → bench/results/
+    python bench/train_throughput.py --lengths 256 --steps 5 --budget 30
+    python bench/train_throughput.py --quick --out /tmp/b # tiny model, length 64: a smoke run (seconds)
+"""
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, replace
+from importlib.metadata import version
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"hidden_size": 256, "num_hidden_layers": 12, "state_size": 64, "head_dim": 64, "chunk_size": 64}
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "head_dim": 16, "chunk_size": 16}
+VOCAB = 16_000
+MIB, GIB = 1 << 20, 1 << 30
+ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "MALLOC_", "PYTORCH_", "ATEN_")  # recorded: they change the figures
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (scan path, length, batch) configuration, measured in its own process."""
+
+    path: str
+    length: int
+    batch: int
+    warmup: int
+    steps: int
+    budget_s: float
+    size: dict[str, int]
+    vocab: int
+    threads: int
+    mem_limit_bytes: int  # RLIMIT_AS of the child; 0 = none
+
+
+class _Vocab:
+    """Stands in for a tokenizer in `seshu_config`: its length and special ids are all that is read."""
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(job: Job) -> dict[str, Any]:
+    """Build the model, warm up, time `job.steps` steps (fewer if the budget runs out); in the child."""
+    import torch
+    from transformers.utils import logging
+
+    from fedem.model.scan import use_scan
+    from fedem.model.seshu import SeshuSize, build_model, count_parameters
+
+    logging.set_verbosity_error()  # the stock scan warns once that mamba_ssm is missing; expected on CPU
+    if job.threads:
+        torch.set_num_threads(job.threads)
+    torch.manual_seed(0)
+    model = build_model(SeshuSize(**job.size), _Vocab(job.vocab))  # type: ignore[arg-type]
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    ids = torch.randint(3, job.vocab, (job.batch, job.length))
+    rss_model = _peak_rss_mib()
+
+    def step() -> float:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    step_seconds: list[float] = []
+    with use_scan(job.path):
+        start = time.perf_counter()
+        for _ in range(job.warmup):
+            step()
+        warmup_s = time.perf_counter() - start
+        start = time.perf_counter()
+        while len(step_seconds) < job.steps:
+            t0 = time.perf_counter()
+            loss = step()
+            step_seconds.append(time.perf_counter() - t0)
+            if time.perf_counter() - start > job.budget_s:
+                break
+        seconds = time.perf_counter() - start
+    steps = len(step_seconds)
+    return {
+        "path": job.path,
+        "length": job.length,
+        "batch": job.batch,
+        "parameters": count_parameters(model),
+        "threads": torch.get_num_threads(),
+        "warmup_steps": job.warmup,
+        "warmup_s": warmup_s,
+        "steps": steps,
+        "budget_cut": steps < job.steps,
+        "seconds": seconds,
+        "step_seconds": step_seconds,
+        "tokens_per_s": job.batch * job.length * steps / seconds,
+        "rss_after_build_mib": rss_model,
+        "peak_rss_mib": _peak_rss_mib(),
+        "final_loss": loss,
+    }
+
+
+def _child(job: Job, conn: Connection) -> None:
+    if job.mem_limit_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (job.mem_limit_bytes, job.mem_limit_bytes))
+    try:
+        conn.send(measure(job))
+    except BaseException as err:  # noqa: B036 — report anything (MemoryError included) to the parent
+        text = str(err).strip()
+        conn.send(
+            {
+                "error": f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": "),
+                "traceback": traceback.format_exc(limit=3),
+                "peak_rss_mib": _peak_rss_mib(),
+            }
+        )
+    finally:
+        conn.close()
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """`measure(job)` in a fresh spawned process; a crash (e.g. killed for memory) becomes an error entry."""
+    ctx = mp.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(job, send))
+    process.start()
+    send.close()
+    try:
+        result: dict[str, Any] = receive.recv()
+    except EOFError:
+        result = {"error": "the child process died without a result"}
+    process.join()
+    if process.exitcode and "error" not in result:
+        result["error"] = f"the child process exited with {process.exitcode}"
+    if process.exitcode == -9:  # SIGKILL: most likely the kernel's OOM killer
+        result["error"] += " (killed: out of memory?)"
+    return {"path": job.path, "length": job.length, "batch": job.batch, **result}
+
+
+def is_memory_error(result: dict[str, Any]) -> bool:
+    error = result.get("error", "")
+    return any(s in error for s in ("can't allocate memory", "MemoryError", "out of memory"))
+
+
+def state_bytes(size: dict[str, int], length: int, batch: int) -> int:
+    """Bytes of per-step states the sequential scan keeps for backward (float32), over all layers."""
+    heads = 2 * size["hidden_size"] // size["head_dim"]  # expand = 2 (SeshuSize's default)
+    return 4 * size["num_hidden_layers"] * length * batch * heads * size["head_dim"] * size["state_size"]
+
+
+def predicted_peak(
+    size: dict[str, int], length: int, batch: int, chunked: dict[str, Any] | None, overhead: float
+) -> float:
+    """Rough peak bytes of a sequential run: the chunked run's activations scaled to this batch, plus the
+    kept states times `overhead` (allocator slack; measured at a shorter length, 1 when unknown)."""
+    base = 0.0
+    if chunked is not None and "error" not in chunked:
+        built, peak = chunked["rss_after_build_mib"] * MIB, chunked["peak_rss_mib"] * MIB
+        base = built + (peak - built) * batch / chunked["batch"]
+    return base + overhead * state_bytes(size, length, batch)
+
+
+def fitting_batch(
+    size: dict[str, int],
+    length: int,
+    batch: int,
+    chunked: dict[str, Any] | None,
+    overhead: float,
+    mem_limit: int,
+) -> int:
+    """The largest of batch, batch/2, … (at least 1) whose predicted sequential peak fits the limit.
+
+    10% headroom: the limit is on address space, which runs ahead of the resident set.
+    """
+    while batch > 1 and predicted_peak(size, length, batch, chunked, overhead) > 0.9 * mem_limit:
+        batch //= 2
+    return batch
+
+
+def run_until_it_fits(job: Job, notes: list[str]) -> dict[str, Any]:
+    """`run_job`, halving the batch after each out-of-memory failure (down to 1)."""
+    while True:
+        print(f"length {job.length:5d}  {job.path:10s} batch {job.batch:3d} …", end=" ", flush=True)
+        result = run_job(job)
+        _print_result(result)
+        if not (is_memory_error(result) and job.batch > 1):
+            return result
+        notes.append(f"length {job.length}: {job.path} at batch {job.batch} ran out of memory; halved")
+        job = replace(job, batch=job.batch // 2)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_available() -> int:
+    """Bytes the kernel reports as available (0 if unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what the figures were taken. Reads versions without importing torch, so that this
+    process stays small: a spawned child starts from its parent's peak RSS (Linux keeps it across exec)."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
+        "memory_available_gib": round(_mem_available() / GIB, 1),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average_start": list(os.getloadavg()),
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
+    }
+
+
+def summarise(results: list[dict[str, Any]], lengths: list[int]) -> list[dict[str, Any]]:
+    """Per length: chunked / sequential tokens/s and sequential / chunked peak memory.
+
+    Compared at the sequential run's batch when the chunked scan was timed at it too; otherwise the
+    speed-up compares different batches (`same_batch` false) and the memory ratio is left out.
+    """
+    ok = [r for r in results if "error" not in r]
+    rows = []
+    for length in lengths:
+        row: dict[str, Any] = {"length": length, "batch": None, "speedup": None, "memory_ratio": None}
+        row["same_batch"] = None
+        base = next((r for r in ok if r["path"] == "sequential" and r["length"] == length), None)
+        chunked = [r for r in ok if r["path"] == "chunked" and r["length"] == length]
+        if base and chunked:
+            fast = next((r for r in chunked if r["batch"] == base["batch"]), chunked[0])
+            row["batch"] = base["batch"]
+            row["speedup"] = fast["tokens_per_s"] / base["tokens_per_s"]
+            row["same_batch"] = fast["batch"] == base["batch"]
+            if row["same_batch"]:
+                row["memory_ratio"] = base["peak_rss_mib"] / fast["peak_rss_mib"]
+        rows.append(row)
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    env = ", ".join(f"{k}={v}" for k, v in m["environment"].items()) or "none set"
+    lines = [
+        "# Training throughput: chunked vs sequential scan",
+        "",
+        f"seshu{'-tiny (quick)' if s['quick'] else '-small'}, {report['parameters']:,} parameters, "
+        f"vocabulary {s['vocab']:,}, batch {s['batch']}, float32; forward + backward + clip + AdamW on "
+        f"random ids, timed after {s['warmup']} warm-up step(s), at most ~{s['budget']:.0f} s of timed "
+        "steps per configuration. Each configuration ran in its own process; peak memory is that "
+        "process's peak RSS (model, optimizer, activations and allocator slack).",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"{m['memory_gib']} GiB ({m['memory_available_gib']} available); Python {m['python']}, "
+        f"torch {m['torch']}, transformers {m['transformers']}; {m['date']}; load average "
+        f"{m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end; "
+        f"threading/allocator environment: {env}.",
+        "",
+        "| length | scan | batch | steps | s/step | tokens/s | peak RSS (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['length']} | {r['path']} | {r['batch']} | — | — | failed: {r['error']} | — |")
+            continue
+        cut = " (budget)" if r["budget_cut"] else ""
+        lines.append(
+            f"| {r['length']} | {r['path']} | {r['batch']} | {r['steps']}{cut} | "
+            f"{r['seconds'] / r['steps']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |"
+        )
+    lines += [
+        "",
+        "| length | batch | speed-up chunked / sequential (tokens/s) | peak memory sequential / chunked |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in report["summary"]:
+        speed = f"{row['speedup']:.1f}×" if row["speedup"] else "—"
+        if row["speedup"] and not row["same_batch"]:
+            speed += " (chunked at another batch)"
+        memory = f"{row['memory_ratio']:.2f}×" if row["memory_ratio"] else "—"
+        lines.append(f"| {row['length']} | {row['batch'] or '—'} | {speed} | {memory} |")
+    if report["notes"]:
+        lines += ["", *(f"- {note}" for note in report["notes"])]
+    lines += ["", f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="sequence lengths")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of the chunked scan")
+    parser.add_argument("--sequential-steps", type=int, default=5, help="timed steps of the sequential scan")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, per configuration")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=40.0,
+        help="seconds of timed steps per configuration: stops early (after at least one step) past it",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: torch's default)")
+    parser.add_argument(
+        "--mem-limit-gib",
+        type=float,
+        default=None,
+        help="address-space limit per child (default: 80%% of the memory available at start; 0: none)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default bench/results; with --quick a temporary folder)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: seshu-tiny shape, length 64, batch 2, 2 steps"
+    )
+    args = parser.parse_args(argv)
+    if min(args.batch, args.steps, args.sequential_steps, *args.lengths) < 1 or args.warmup < 0:
+        parser.error("lengths, --batch and the step counts must be positive (--warmup may be 0)")
+    if args.quick:
+        args.lengths, args.batch, args.steps, args.sequential_steps, args.warmup = [64], 2, 2, 1, 1
+        args.out = args.out or Path(tempfile.gettempdir()) / "fedem-bench-quick"
+    args.out = args.out or REPO / "bench" / "results"
+    return args
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    if "error" in result:
+        print(f"failed: {result['error']}", flush=True)
+        return
+    per_step = result["seconds"] / result["steps"]
+    print(
+        f"{result['tokens_per_s']:10,.0f} tokens/s  {per_step:7.2f} s/step  "
+        f"peak {result['peak_rss_mib']:7,.0f} MiB  ({result['steps']} steps)",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    size = TINY if args.quick else SMALL
+    vocab = 1000 if args.quick else VOCAB
+    if args.mem_limit_gib is None:
+        mem_limit = int(0.8 * _mem_available())
+    else:
+        mem_limit = int(args.mem_limit_gib * GIB)
+    machine = machine_info()
+    results: list[dict[str, Any]] = []
+    notes: list[str] = []
+    overhead = 1.0  # sequential's bytes of peak per byte of kept state, beyond the chunked run's peak
+    for length in sorted(args.lengths):
+        job = Job(
+            path="chunked",
+            length=length,
+            batch=args.batch,
+            warmup=args.warmup,
+            steps=args.steps,
+            budget_s=args.budget,
+            size=size,
+            vocab=vocab,
+            threads=args.threads,
+            mem_limit_bytes=mem_limit,
+        )
+        chunked = run_until_it_fits(job, notes)
+        results.append(chunked)
+
+        batch = chunked["batch"]  # args.batch unless the chunked scan itself ran out of memory
+        if mem_limit:
+            batch = fitting_batch(size, length, batch, chunked, overhead, mem_limit)
+            if batch < chunked["batch"]:
+                need = predicted_peak(size, length, chunked["batch"], chunked, overhead)
+                notes.append(
+                    f"length {length}: sequential at batch {chunked['batch']} predicted to need "
+                    f"{need / GIB:.1f} GiB > limit {mem_limit / GIB:.1f} GiB; ran at batch {batch}"
+                )
+        sequential = run_until_it_fits(
+            replace(job, path="sequential", batch=batch, steps=args.sequential_steps), notes
+        )
+        results.append(sequential)
+        if "error" in sequential:
+            continue
+        if "error" not in chunked and chunked["batch"] == sequential["batch"]:
+            extra = sequential["peak_rss_mib"] * MIB - predicted_peak(size, length, batch, chunked, 0.0)
+            overhead = max(1.0, extra / state_bytes(size, length, batch))
+        elif sequential["batch"] != chunked["batch"]:
+            # The speed-up is only like for like at one batch: time the chunked scan at this one too.
+            results.append(run_until_it_fits(replace(job, batch=sequential["batch"]), notes))
+    machine["load_average_end"] = list(os.getloadavg())
+    machine["torch_threads"] = next((r["threads"] for r in results if "threads" in r), None)
+    report: dict[str, Any] = {
+        "benchmark": "train_throughput",
+        "command": " ".join(
+            ["python", "bench/train_throughput.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
+        "machine": machine,
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "size": size,
+            "vocab": vocab,
+            "mem_limit_bytes": mem_limit,
+            "optimizer": "AdamW(lr=3e-3, weight_decay=0.1), clip 1.0",
+        },
+        "parameters": next((r["parameters"] for r in results if "parameters" in r), 0),
+        "results": results,
+        "summary": summarise(results, sorted(args.lengths)),
+        "notes": notes,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (args.out / "train_throughput.md").write_text(markdown(report), encoding="utf-8")
+    for row in report["summary"]:
+        if row["speedup"]:
+            memory = f", peak memory ×{row['memory_ratio']:.2f}" if row["memory_ratio"] else ""
+            print(f"length {row['length']:5d}  speed-up chunked/sequential {row['speedup']:.1f}×{memory}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {args.out / 'train_throughput.json'} and .md")
+    return report
+
+
+if __name__ == "__main__":
+    main()
