@@ -1,0 +1,58 @@
+"""`create_app(settings)`: the hub as a FastAPI app. It only wires things together — routes live in
+`routes/`, queries and invariants in `leases.py`/`repos.py`, artifact I/O in `store.py`."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from fedem import __version__
+from fedem.hub.db import Database, migrate
+from fedem.hub.errors import install_handlers
+from fedem.hub.leases import expire_due
+from fedem.hub.routes import leases, repos, users
+from fedem.hub.settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+
+async def _sweep_forever(db: Database, every_s: float) -> None:
+    """Free expired leases every `every_s` seconds (requests also check expiry themselves)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            with db.session() as session:
+                expired = await run_in_threadpool(expire_due, session)
+            if expired:
+                log.info("sweeper: %d expired lease(s) freed", expired)
+        except Exception:  # keep sweeping: one failed pass must not stop the loop
+            log.exception("sweeper pass failed")
+
+
+def create_app(settings: HubSettings) -> FastAPI:
+    settings.root.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url)
+    migrate(db.engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(_sweep_forever(db, settings.sweep_every_s))
+        yield
+        sweeper.cancel()
+        db.engine.dispose()
+
+    app = FastAPI(title="fedem hub", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.db = db
+    install_handlers(app)
+    for module in (repos, leases, users):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    return app

@@ -1,0 +1,1 @@
+"""One router per resource; `fedem.hub.app.create_app` mounts them."""
