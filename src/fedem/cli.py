@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedem", description="Train Seshu, a multilingual Mamba LM, together."
     )
     parser.add_argument("--version", action="version", version=f"fedem {__version__}")
+    parser.set_defaults(show_summary=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tokenizer = commands.add_parser("tokenizer", help="train and inspect tokenizers")
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--seed", type=int, help="sampling seed (default 0)")
     _add_common(gen)
-    gen.set_defaults(handler=cmd_generate)
+    gen.set_defaults(handler=cmd_generate, show_summary=False)  # the text was already streamed
     return parser
 
 
@@ -303,7 +304,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if args.json:
         print(json.dumps(summary, ensure_ascii=False, default=str))
+    elif args.show_summary:
+        _print_summary(summary)
     return 0
+
+
+def _print_summary(summary: dict[str, Any], indent: str = "") -> None:
+    """A human-readable form of a command's summary (the JSON one is behind `--json`)."""
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_summary(value, indent + "  ")
+        elif isinstance(value, float):
+            print(f"{indent}{key}: {value:.4g}")
+        elif not isinstance(value, list) or len(value) <= 12:
+            print(f"{indent}{key}: {value}")
 
 
 if __name__ == "__main__":
