@@ -30,7 +30,7 @@ def sharp(tiny) -> PreTrainedModel:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("in_proj.weight", "out_proj.weight")):
-                param.mul_(2.0)
+                param.mul_(8.0)
     return model
 
 

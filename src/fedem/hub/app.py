@@ -13,8 +13,9 @@ from fedem import __version__
 from fedem.hub.db import Database, migrate
 from fedem.hub.errors import install_handlers
 from fedem.hub.leases import expire_due
-from fedem.hub.routes import leases, repos, users
+from fedem.hub.routes import files, hf, leases, repos, users
 from fedem.hub.settings import HubSettings
+from fedem.hub.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ def create_app(settings: HubSettings) -> FastAPI:
     settings.root.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     migrate(db.engine)
+    store = ArtifactStore(settings.artifact_url)
+    cleaned = store.clean_temp()  # leftovers of uploads cut off by a crash: never visible, now gone
+    if cleaned:
+        log.info("removed %d unfinished upload(s) from %s", cleaned, store.temp_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -47,8 +52,9 @@ def create_app(settings: HubSettings) -> FastAPI:
     app = FastAPI(title="fedem hub", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.db = db
+    app.state.store = store
     install_handlers(app)
-    for module in (repos, leases, users):
+    for module in (repos, leases, users, files, hf):  # hf last: its /{ns}/{name}/resolve/… is a catch-all
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])

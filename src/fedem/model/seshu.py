@@ -14,6 +14,8 @@ Glossary (Mamba-2 paper → config field):
     Q        chunk_size         block length of the chunked (SSD) scan
 """
 
+import math
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerBase
@@ -72,18 +74,27 @@ def seshu_config(size: SeshuSize, tokenizer: PreTrainedTokenizerBase) -> Mamba2C
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
-        # mamba_ssm's own init: N(0, 0.02) embeddings/linears and out_proj scaled by 1/√layers. The
+        # mamba_ssm's own init, N(0, 0.02), with out_proj scaled by 1/√layers in `build_model`. The
         # transformers default (0.1, no rescale) starts above the uniform loss: 10.57 vs 9.63 nats at
         # step 10 on seshu-small, 8.48 vs 8.33 at step 60 (docs/design.md).
         initializer_range=0.02,
-        rescale_prenorm_residual=True,
         architectures=[ARCHITECTURE.__name__],
     )
 
 
 def build_model(size: SeshuSize, tokenizer: PreTrainedTokenizerBase) -> Mamba2ForCausalLM:
-    """A freshly initialised Seshu (seed torch first for reproducibility)."""
-    return ARCHITECTURE(seshu_config(size, tokenizer))
+    """A freshly initialised Seshu (seed torch first for reproducibility).
+
+    The GPT-2-style 1/√layers scaling of each residual branch's output projection is applied here,
+    once, and not through `rescale_prenorm_residual=True` in the config: transformers 5.23 re-applies
+    that in-place division every time `from_pretrained` initialises a model, so a saved checkpoint
+    would load with its out_proj weights shrunk.
+    """
+    model = ARCHITECTURE(seshu_config(size, tokenizer))
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.out_proj.weight /= math.sqrt(size.num_hidden_layers)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:
