@@ -92,8 +92,9 @@ def build_model(size: SeshuSize, tokenizer: PreTrainedTokenizerBase) -> Mamba2Fo
     """
     model = ARCHITECTURE(seshu_config(size, tokenizer))
     with torch.no_grad():
-        for layer in model.backbone.layers:
-            layer.mixer.out_proj.weight /= math.sqrt(size.num_hidden_layers)
+        for name, param in model.named_parameters():
+            if name.endswith("mixer.out_proj.weight"):
+                param /= math.sqrt(size.num_hidden_layers)
     return model
 
 
