@@ -94,7 +94,7 @@ def build_model(size: SeshuSize, tokenizer: PreTrainedTokenizerBase) -> Mamba2Fo
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("mixer.out_proj.weight"):
-                param /= math.sqrt(size.num_hidden_layers)
+                param.div_(math.sqrt(size.num_hidden_layers))
     return model
 
 
