@@ -16,6 +16,7 @@ from typing import Any
 
 from fedem import __version__
 from fedem.errors import UserError
+from fedem.hub.cli import add_hub_parser
 
 log = logging.getLogger("fedem")
 
@@ -276,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="sampling seed (default 0)")
     _add_common(gen)
     gen.set_defaults(handler=cmd_generate, show_summary=False)  # the text was already streamed
+
+    add_hub_parser(commands)
     return parser
 
 

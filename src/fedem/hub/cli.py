@@ -1,0 +1,325 @@
+"""`fedem hub …`: run a hub, and push, pull and lease from the shell (docs/hub.md has examples).
+
+`add_hub_parser` registers the subcommands on the main `fedem` parser; each handler takes the
+parsed arguments and returns a JSON-able summary, which `fedem.cli.main` prints (`--json` for one
+machine-readable line). Mistakes the user can fix — a bad token, an unknown repo, a hub that is not
+running — become `UserError`s carrying the hub's own message; a hub-side failure (5xx) is not the
+user's doing and keeps its traceback.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedem.errors import UserError
+
+if TYPE_CHECKING:  # the heavy imports wait until a command runs, so `fedem --help` stays fast
+    from fedem.client.hub_client import HubClient
+    from fedem.hub.db import Database
+    from fedem.hub.settings import HubSettings
+
+Handler = Callable[[argparse.Namespace], dict[str, Any]]
+
+log = logging.getLogger("fedem.hub")
+
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line — time, level, logger, message, and any `extra=` fields — so a log
+    shipper can index the hub's logs; uvicorn's access lines are split into method, path, status."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            entry.update(zip(("client", "method", "path", "http", "status"), record.args, strict=True))
+        entry.update({k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_json_logging(verbose: bool = False) -> None:
+    """Send every log record (the hub's and uvicorn's) to stderr as JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+def _settings(args: argparse.Namespace) -> "HubSettings":
+    from pydantic import ValidationError
+
+    from fedem.hub.settings import HubSettings
+
+    given = {
+        "db_url": getattr(args, "db", None),
+        "store_url": getattr(args, "store", None),
+        "lease_ttl_s": getattr(args, "lease_ttl", None),
+        "sweep_every_s": getattr(args, "sweep_every", None),
+        "max_file_bytes": getattr(args, "max_file_bytes", None),
+    }
+    try:
+        return HubSettings(root=args.root, **{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise UserError(f"bad hub settings: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
+
+
+def bootstrap_admin(db: "Database") -> str | None:
+    """On a hub's first start (no users at all) create the maintainer `admin`; returns its token."""
+    from sqlalchemy import func, select
+
+    from fedem.hub.auth import create_user
+    from fedem.hub.models import User
+
+    with db.session() as session:
+        if session.scalar(select(func.count()).select_from(User)):
+            return None
+        _user, token = create_user(session, "admin", "maintainer")
+        session.commit()
+        return token
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    import uvicorn
+
+    from fedem.hub.app import create_app
+
+    configure_json_logging(args.verbose)
+    settings = _settings(args)
+    app = create_app(settings)
+    token = bootstrap_admin(app.state.db)
+    if token:
+        # stdout, once: the only time this token exists in clear (the database keeps its hash)
+        print(f"first start: created maintainer 'admin' with token {token}", flush=True)  # noqa: T201
+    log.info("hub starting", extra={"url": f"http://{args.host}:{args.port}", "root": str(settings.root)})
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_config=None, log_level="debug" if args.verbose else "info"
+    )
+    return {"status": "stopped", "root": str(settings.root)}
+
+
+def cmd_user_add(args: argparse.Namespace) -> dict[str, Any]:
+    """Add a contributor straight in the hub's database (no running hub or token needed)."""
+    from fedem.hub.auth import create_user
+    from fedem.hub.db import Database, migrate
+    from fedem.hub.errors import HubError
+
+    settings = _settings(args)
+    settings.root.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.database_url)
+    try:
+        migrate(db.engine)
+        with db.session() as session:
+            user, token = create_user(session, args.name, args.role)
+            session.commit()
+            return {"name": user.name, "role": user.role, "pseudonym": user.pseudonym, "token": token}
+    except HubError as err:
+        raise UserError(err.message) from None
+    finally:
+        db.engine.dispose()
+
+
+@contextlib.contextmanager
+def _hub(args: argparse.Namespace, token_needed: bool = False) -> Iterator["HubClient"]:
+    """A client for `--hub`/`FEDEM_HUB` with `--token`/`FEDEM_TOKEN`, turning the hub's 4xx answers and
+    an unreachable hub into `UserError`s."""
+    import httpx
+
+    from fedem.client.hub_client import HubAPIError, HubClient, TransferError
+
+    url = getattr(args, "hub", None) or os.environ.get("FEDEM_HUB")
+    token = getattr(args, "token", None) or os.environ.get("FEDEM_TOKEN")
+    if not url:
+        raise UserError("which hub? pass --hub URL or set FEDEM_HUB")
+    if token_needed and not token:
+        raise UserError("this needs your token: pass --token or set FEDEM_TOKEN")
+    client = HubClient(url, token)
+    try:
+        yield client
+    except HubAPIError as err:
+        if 400 <= err.status < 500:
+            raise UserError(f"{err.message} ({err.code})") from None
+        raise
+    except (httpx.ConnectError, httpx.ConnectTimeout):
+        raise UserError(f"cannot reach hub at {url}") from None
+    except httpx.TransportError as err:
+        raise UserError(f"lost the connection to the hub at {url}: {err}") from None
+    except TransferError as err:
+        raise UserError(str(err)) from None
+    finally:
+        client.close()
+
+
+def cmd_whoami(args: argparse.Namespace) -> dict[str, Any]:
+    with _hub(args, token_needed=True) as hub:
+        return hub.whoami()
+
+
+def cmd_repo_create(args: argparse.Namespace) -> dict[str, Any]:
+    with _hub(args, token_needed=True) as hub:
+        return hub.create_repo(args.name, args.kind, args.base_repo)
+
+
+def cmd_ls(args: argparse.Namespace) -> dict[str, Any]:
+    with _hub(args) as hub:
+        repos = hub.repos()
+    shown = ("kind", "head", "revisions", "base_repo")
+    return {"hub": hub.url, "repos": {r["name"]: {k: r[k] for k in shown} for r in repos}}
+
+
+def cmd_log(args: argparse.Namespace) -> dict[str, Any]:
+    with _hub(args) as hub:
+        entries = hub.log(args.repo)
+    shown = ("commit", "parent", "base", "contributor", "status", "description", "metrics", "created_at")
+    revisions = {e["tag"]: {k: e[k] for k in shown} | {"files": len(e["files"])} for e in entries}
+    return {"repo": args.repo, "revisions": revisions}
+
+
+def cmd_push(args: argparse.Namespace) -> dict[str, Any]:
+    metrics = None
+    if args.metrics_json is not None:
+        try:
+            metrics = json.loads(Path(args.metrics_json).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read metrics from {args.metrics_json}: {err}") from None
+        if not isinstance(metrics, dict):
+            raise UserError(f"{args.metrics_json} must hold a JSON object")
+    with _hub(args, token_needed=True) as hub:
+        done = hub.push(
+            args.repo, args.folder, args.description, metrics, args.lease, args.base, args.include
+        )
+    rev = done.revision
+    return {
+        "repo": rev["repo"],
+        "tag": rev["tag"],
+        "commit": rev["commit"],
+        "base": rev["base"],
+        "uploaded": done.moved,
+        "already_on_hub": done.reused,
+        "bytes_uploaded": done.bytes,
+    }
+
+
+def cmd_pull(args: argparse.Namespace) -> dict[str, Any]:
+    with _hub(args) as hub:
+        done = hub.pull(args.repo, args.revision, args.out)
+    rev = done.revision
+    return {
+        "repo": rev["repo"],
+        "tag": rev["tag"],
+        "commit": rev["commit"],
+        "out": str(args.out),
+        "downloaded": done.moved,
+        "already_here": done.reused,
+        "bytes_downloaded": done.bytes,
+    }
+
+
+def cmd_lease(args: argparse.Namespace) -> dict[str, Any]:
+    with _hub(args, token_needed=True) as hub:
+        return hub.lease(args.adapter)
+
+
+def cmd_release(args: argparse.Namespace) -> dict[str, Any]:
+    with _hub(args, token_needed=True) as hub:
+        return hub.release(args.lease_id)
+
+
+def add_hub_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register `fedem hub ACTION …` on the main parser's subcommands."""
+    from fedem.cli import _add_common  # here, not at the top: fedem.cli imports this module
+
+    hub = commands.add_parser("hub", help="run a hub; push, pull and lease artifacts on one")
+    actions = hub.add_subparsers(dest="hub_command", required=True, metavar="ACTION")
+
+    def action(
+        parent: "argparse._SubParsersAction[argparse.ArgumentParser]",
+        name: str,
+        handler: Handler,
+        help: str,
+        remote: bool = True,
+    ) -> argparse.ArgumentParser:
+        parser = parent.add_parser(name, help=help)
+        if remote:
+            parser.add_argument("--hub", help="hub URL (default: $FEDEM_HUB)")
+            parser.add_argument("--token", help="your token (default: $FEDEM_TOKEN)")
+        _add_common(parser)
+        parser.set_defaults(handler=handler)
+        return parser
+
+    serve = action(actions, "serve", cmd_serve, "run the hub (JSON logs on stderr)", remote=False)
+    serve.add_argument("--root", type=Path, required=True, help="folder for hub.db and blobs/ (created)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--db", help="database URL, e.g. postgresql+psycopg://… (default: <root>/hub.db)")
+    serve.add_argument(
+        "--store", help="fsspec URL for blobs, e.g. s3://bucket/prefix (default: <root>/blobs)"
+    )
+    serve.add_argument("--lease-ttl", type=int, metavar="SECONDS", help="lease lifetime (default 3 h)")
+    serve.add_argument(
+        "--sweep-every", type=float, metavar="SECONDS", help="expired-lease sweep (default 300)"
+    )
+    serve.add_argument(
+        "--max-file-bytes", type=int, metavar="N", help="largest artifact accepted (default 4 GiB)"
+    )
+
+    users = actions.add_parser("user", help="manage contributors")
+    user_add = action(
+        users.add_subparsers(dest="user_command", required=True, metavar="ACTION"),
+        "add",
+        cmd_user_add,
+        "add a contributor directly in the hub database; prints the token once",
+        remote=False,
+    )
+    user_add.add_argument("name")
+    user_add.add_argument("--role", choices=["donor", "maintainer"], required=True)
+    user_add.add_argument("--root", type=Path, required=True, help="the hub's --root")
+    user_add.add_argument("--db", help="the hub's --db URL, if it has one")
+
+    repos = actions.add_parser("repo", help="manage repos")
+    create = action(
+        repos.add_subparsers(dest="repo_command", required=True, metavar="ACTION"),
+        "create",
+        cmd_repo_create,
+        "create a repo (maintainers)",
+    )
+    create.add_argument("name", help="namespace/name")
+    create.add_argument("--kind", choices=["model", "adapter", "dataset"], required=True)
+    create.add_argument("--base-repo", help="an adapter's base model repo")
+
+    push = action(actions, "push", cmd_push, "upload a folder as a new revision")
+    push.add_argument("repo")
+    push.add_argument("folder", type=Path)
+    push.add_argument("--lease", help="your lease id (adapter repos)")
+    push.add_argument("--base", help="base release trained on, as repo@tag")
+    push.add_argument("--description", default="")
+    push.add_argument("--metrics-json", type=Path, metavar="FILE", help="a JSON object of evaluation results")
+    push.add_argument("--include", nargs="+", metavar="GLOB", help="only files matching these globs")
+
+    pull = action(actions, "pull", cmd_pull, "download a revision (resumes, verifies sha256)")
+    pull.add_argument("repo")
+    pull.add_argument("--revision", default="main", help="vN, a commit id, or main (the newest accepted)")
+    pull.add_argument("--out", type=Path, required=True)
+
+    action(actions, "ls", cmd_ls, "list repos")
+    action(actions, "log", cmd_log, "a repo's revisions, newest first").add_argument("repo")
+    action(actions, "lease", cmd_lease, "lease an adapter for training").add_argument("adapter")
+    action(actions, "release", cmd_release, "give a lease back without pushing").add_argument("lease_id")
+    action(actions, "whoami", cmd_whoami, "the user behind your token")
