@@ -42,7 +42,7 @@ demo: install
 	$(FEDEM) evaluate --model $(DEMO)/seshu-small-en-hi --languages en,hi,ta,or --max-lines 64 \
 		--max-pairs 8 --out $(DEMO)/eval
 	$(FEDEM) generate --model $(DEMO)/seshu-small-en-hi --prompt $$'English: How are you?\nHindi:' \
-		--max-new-tokens 24
+		--max-new-tokens 24 --repetition-penalty 1.3
 	@echo; echo "demo outputs in $(DEMO)/ — evaluation table: $(DEMO)/eval/report.md"
 
 bench: install

@@ -185,6 +185,11 @@ class HubClient:
     def lease(self, adapter: str) -> dict[str, Any]:
         return self._json("POST", f"/api/adapters/{adapter}/lease")
 
+    def lease_any(self, among: list[str] | None = None) -> dict[str, Any]:
+        """Lease the open adapter that most needs work (the hub picks; `among` limits its choice);
+        404 `no_open_adapter` when every one is taken or has no base release yet."""
+        return self._json("POST", "/api/adapters/lease", json={"among": among} if among is not None else None)
+
     def release(self, lease_id: str) -> dict[str, Any]:
         return self._json("DELETE", f"/api/leases/{quote(lease_id, safe='')}")
 

@@ -8,18 +8,19 @@ Rules (docs/hub.md):
 - pushing a version needs the caller's live lease on that adapter and ends it in the same
   transaction as the new revision; a push after expiry gets 410 and stores nothing;
 - the holder (or a maintainer) can release without pushing; the sweeper marks expired leases ended;
-- every lease event is written to the audit log.
+- every lease event is written to the audit log;
+- `acquire_open` leases "the open adapter that most needs work" for a donor who names none.
 """
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fedem.hub.errors import HubError
-from fedem.hub.models import AuditEvent, Lease, Repo, User, utcnow
+from fedem.hub.models import AuditEvent, Lease, Repo, Revision, User, utcnow
 from fedem.hub.repos import get_repo, head
 
 
@@ -81,6 +82,59 @@ def acquire(session: Session, repo: Repo, user: User, ttl_s: int) -> Lease:
             expires_at=holder.expires_at.isoformat() if holder else None,
         ) from None
     return lease
+
+
+def open_adapters(session: Session, among: list[str] | None = None) -> list[Repo]:
+    """Adapters a donor could start on now, the one that most needs work first.
+
+    Open means: no live lease, and a base release to train on (an adapter whose base repo has no
+    accepted revision cannot be trained yet). Most need of work means the fewest accepted versions;
+    ties go to the adapter whose newest accepted version is oldest (never-trained ones first), then
+    to the name, so the order is stable. `among` restricts the choice to those names (a donor's
+    client passes the adapters its data fits).
+    """
+    accepted = {
+        repo_id: (count, newest)
+        for repo_id, count, newest in session.execute(
+            select(Revision.repo_id, func.count(), func.max(Revision.created_at))
+            .where(Revision.status == "accepted")
+            .group_by(Revision.repo_id)
+        ).tuples()
+    }
+    leased = set(session.scalars(select(Lease.repo_id).where(Lease.ended_at.is_(None))))
+    query = select(Repo).where(Repo.kind == "adapter")
+    if among is not None:
+        query = query.where(Repo.name.in_(among))
+    released = {repo.name for repo in session.scalars(select(Repo).where(Repo.id.in_(list(accepted))))}
+    candidates = [
+        repo
+        for repo in session.scalars(query)
+        if repo.id not in leased and repo.base_repo is not None and repo.base_repo in released
+    ]
+    oldest = datetime.min.replace(tzinfo=UTC)
+
+    def need(repo: Repo) -> tuple[int, datetime, str]:
+        count, newest = accepted.get(repo.id, (0, None))
+        return count, newest or oldest, repo.name
+
+    return sorted(candidates, key=need)
+
+
+def acquire_open(session: Session, user: User, ttl_s: int, among: list[str] | None = None) -> Lease:
+    """Lease the open adapter that most needs work (`open_adapters`), or 404 `no_open_adapter`.
+
+    Another donor may take the first choice between the listing and the insert; the unique index
+    makes that a 409 from `acquire`, and the next candidate is tried.
+    """
+    expire_due(session)
+    for repo in open_adapters(session, among):
+        try:
+            return acquire(session, repo, user, ttl_s)
+        except HubError as err:
+            if err.status != 409:
+                raise
+    scope = f" among {len(among)} named adapter(s)" if among is not None else ""
+    raise HubError(404, "no_open_adapter", f"no adapter{scope} is open for training right now")
 
 
 def _owned(session: Session, lease_id: str, user: User) -> Lease:

@@ -5,7 +5,9 @@
   whose `ended_at` is NULL, so the guarantee holds with several server processes and on both
   SQLite and PostgreSQL;
 - files point at blobs by sha256 (content addressing), and a blob row exists only once its bytes
-  were verified and renamed into the store.
+  were verified and renamed into the store;
+- **one evaluation per revision** (unique `evaluations.revision_id`): an adapter version is queued
+  for server-side evaluation in the transaction that creates it (docs/evaluation.md).
 """
 
 from datetime import UTC, datetime
@@ -154,3 +156,28 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32))
     repo: Mapped[str | None] = mapped_column(String(128))
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Evaluation(Base):
+    """The server-side evaluation of one submitted adapter version (docs/evaluation.md).
+
+    `state`: queued → running (claimed by one worker, atomically) → done, or failed (an error; the
+    revision stays pending). `scores`: `{candidate, previous, base}`, each
+    `{bpb: {lang: x}, ppl: {lang: x}, chrf: {pair: x}, bleu: {pair: x}}` (`previous` null when the
+    adapter had no accepted version), plus `screening` and `task`. `decision` is set once decided.
+    """
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    revision_id: Mapped[int] = mapped_column(ForeignKey("revisions.id"), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # queued|running|done|failed
+    scores: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    decision: Mapped[str | None] = mapped_column(String(16), default=None)  # "accepted" | "rejected"
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(128), default=None)
+
+    revision: Mapped[Revision] = relationship()

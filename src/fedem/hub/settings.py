@@ -3,11 +3,14 @@
 The embedded default needs nothing but a folder: `<root>/hub.db` (SQLite) and `<root>/blobs`
 (artifacts). `db_url` (e.g. `postgresql+psycopg://…`) and `store_url` (any fsspec URL, e.g.
 `s3://bucket/prefix`) select production back ends without code changes.
+
+The `eval_*`, `accept_*` and `max_delta_norm_ratio` fields configure the server-side evaluation of
+submitted adapters (docs/evaluation.md); `eval_data` is a server-only folder no route ever serves.
 """
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # File types a repo may hold: weights only as safetensors, never pickle (`.bin`, `.pt`, `.pkl`).
 ALLOWED_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".tsv", ".yaml", ".jsonl", ".png")
@@ -23,6 +26,31 @@ class HubSettings(BaseModel):
     sweep_every_s: float = Field(default=300, gt=0, description="how often expired leases are freed")
     max_file_bytes: int = Field(default=4 << 30, gt=0, description="largest single artifact accepted")
     allowed_suffixes: tuple[str, ...] = ALLOWED_SUFFIXES
+
+    # server-side evaluation of submitted adapter versions (docs/evaluation.md)
+    eval_data: Path | None = Field(
+        default=None, description="server-only held-out data: mono/<lang>.txt and pairs/en-<lang>.tsv"
+    )
+    eval_worker: bool = Field(default=False, description="run the evaluation worker inside the server")
+    eval_poll_s: float = Field(default=5.0, gt=0, description="how often an idle worker looks for jobs")
+    accept_delta: float = Field(
+        default=0.0, description="minimum improvement of the task metric (chrF points, or mean bpb)"
+    )
+    accept_epsilon: float = Field(
+        default=0.02, ge=0, description="largest relative bpb worsening allowed in any language"
+    )
+    eval_max_lines: int = Field(default=64, gt=0, description="held-out lines scored per language")
+    eval_max_pairs: int = Field(default=32, gt=0, description="held-out pairs translated per language")
+    eval_max_new_tokens: int = Field(default=128, gt=0, description="longest translation generated")
+    max_delta_norm_ratio: float = Field(
+        default=10.0, gt=0, description="largest ‖ΔW‖ allowed, as a multiple of the accepted history's median"
+    )
+
+    @model_validator(mode="after")
+    def _worker_needs_data(self) -> "HubSettings":
+        if self.eval_worker and self.eval_data is None:
+            raise ValueError("the evaluation worker needs eval_data (held-out data on the server)")
+        return self
 
     @property
     def database_url(self) -> str:

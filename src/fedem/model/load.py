@@ -51,16 +51,22 @@ def check_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
 
 
 def load_adapter(
-    model: PreTrainedModel, adapter_dir: Path, base_dir: Path, trainable: bool = False
+    model: PreTrainedModel,
+    adapter_dir: Path,
+    base_dir: Path,
+    trainable: bool = False,
+    check_base: bool = True,
 ) -> PeftModel:
     """Wrap `model` with the LoRA adapter in `adapter_dir`, checking it belongs to `base_dir`.
 
     `trainable=True` is how a relayed adapter is continued: peft loads adapters frozen by default,
-    and training a frozen adapter silently changes nothing.
+    and training a frozen adapter silently changes nothing. `check_base=False` is only for a
+    deliberate rebase — continuing training on a new base release, which the caller records.
     """
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} is not a LoRA adapter: adapter_config.json missing")
-    check_adapter_base(adapter_dir, base_dir)
+    if check_base:
+        check_adapter_base(adapter_dir, base_dir)
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:

@@ -96,7 +96,18 @@ class FinetuneConfig(Strict):
     pairs: Path | None = None
     data: Path | None = None
     direction: Direction = "en-xx"
+    lang: str | None = Field(
+        default=None, description="the pairs' non-English language, when the file is not named en-<lang>.tsv"
+    )
     init: Path | None = None
+    rebase: bool = Field(
+        default=False,
+        description="allow `init` to come from another base release (the relay after a new release); "
+        "its recorded base goes into fedem.json as `init_base_sha256`",
+    )
+    parent: str | None = Field(
+        default=None, description="the identity of `init` on the hub (`repo@tag`), recorded in fedem.json"
+    )
     max_length: int = Field(default=256, gt=8)
     eval_size: int = Field(default=64, ge=0, description="examples held out from the training data")
     lora: LoraSettings = LoraSettings()
@@ -109,4 +120,11 @@ class FinetuneConfig(Strict):
             raise ValueError("task 'translate' needs `pairs` (an en-<lang>.tsv file)")
         if self.task == "lm" and self.data is None:
             raise ValueError("task 'lm' needs `data` (a text file or a folder of <lang>.txt)")
+        if self.rebase and self.init is None:
+            raise ValueError("`rebase` continues an adapter onto another base: it needs `init`")
         return self
+
+    @field_validator("lang")
+    @classmethod
+    def _known_lang(cls, code: str | None) -> str | None:
+        return language(code).code if code is not None else None

@@ -4,9 +4,16 @@ The adapter is saved alone (`adapter_model.safetensors` + `adapter_config.json`,
 `PeftModel.from_pretrained`) with `fedem.json` recording the base's sha256, so merging and the hub can
 refuse it on another base. `init` continues an existing adapter — loaded *trainable*: peft loads
 adapters frozen by default, and training a frozen relayed adapter silently changes nothing.
+
+`rebase` is the one sanctioned exception to "an adapter belongs to its base": after a new base
+release the relay continues from the adapter's head on the new base, so `init` may have been trained
+on another base. That is recorded, never silent: fedem.json then holds `init_base_sha256` (the
+base the init adapter was trained on) beside `base_sha256` (the new one), and `parent` names the
+hub version that was continued.
 """
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from functools import partial
@@ -18,11 +25,11 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from fedem.config import to_plain
 from fedem.data.corpus import load_mono, read_pairs
-from fedem.data.packing import Examples, pad_batch, prompt_response
+from fedem.data.packing import IGNORE_INDEX, Examples, pad_batch, prompt_response
 from fedem.data.prompts import translation_examples
 from fedem.errors import UserError
 from fedem.model.load import load_adapter, load_model, load_tokenizer
-from fedem.provenance import weights_fingerprint, write_provenance
+from fedem.provenance import read_provenance, weights_fingerprint, write_provenance
 from fedem.train.config import FinetuneConfig
 from fedem.train.plot import plot_metrics
 from fedem.train.trainer import run_training
@@ -36,7 +43,7 @@ def translation_rows(
     """Prompt/response rows from the pairs file; the loss is on the response (and its EOS) only."""
     assert cfg.pairs is not None
     rows = []
-    for pair in read_pairs(cfg.pairs):
+    for pair in read_pairs(cfg.pairs, cfg.lang):
         for prompt, response in translation_examples(pair, cfg.direction):
             prompt_ids = tokenizer(prompt)["input_ids"]  # starts with BOS
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [
@@ -70,11 +77,41 @@ def split_rows(
     return Examples(shuffled[:-eval_size]), Examples(shuffled[-eval_size:])
 
 
+@torch.no_grad()
+def response_bits_per_byte(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, examples: Examples, batch_size: int
+) -> float:
+    """Bits per UTF-8 byte of the learned tokens (the responses) of held-out rows.
+
+    Unlike the Trainer's `eval_loss` (nats per token, averaged per batch) this is comparable across
+    tokenizers and batchings, so two donors' versions of an adapter can be ranked by it. The bytes are
+    those of the decoded target text; EOS costs bits but has no bytes.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nll, byte_count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+        batch = pad_batch(rows, tokenizer.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]
+        nll += torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        ).item()
+    for _, labels in examples.rows:
+        learned = [t for t in labels[1:] if t != IGNORE_INDEX]
+        byte_count += len(tokenizer.decode(learned, skip_special_tokens=True).encode("utf-8"))
+    model.train(was_training)
+    return nll / math.log(2) / max(byte_count, 1)
+
+
 def adapter_model(cfg: FinetuneConfig) -> PeftModel:
     """The base with a fresh LoRA adapter, or with `cfg.init` loaded trainable."""
     base = load_model(cfg.base)
     if cfg.init is not None:
-        model = load_adapter(base, cfg.init, cfg.base, trainable=True)
+        model = load_adapter(base, cfg.init, cfg.base, trainable=True, check_base=not cfg.rebase)
     else:
         lora = LoraConfig(
             r=cfg.lora.r,
@@ -103,7 +140,14 @@ def finetune(
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     base_sha256 = weights_fingerprint(cfg.base)
-    write_provenance(cfg.out, "finetune", to_plain(cfg), base_sha256=base_sha256)
+    lineage: dict[str, Any] = {}
+    if cfg.parent is not None:
+        lineage["parent"] = cfg.parent
+    if cfg.init is not None and cfg.rebase:
+        lineage["init_base_sha256"] = read_provenance(cfg.init).get("base_sha256")
+        if lineage["init_base_sha256"] != base_sha256:
+            log.info("rebasing %s onto %s", cfg.parent or cfg.init, cfg.base)
+    write_provenance(cfg.out, "finetune", to_plain(cfg), base_sha256=base_sha256, **lineage)
     trainer = run_training(
         model,
         tokenizer,
@@ -117,11 +161,14 @@ def finetune(
     )
     plot = plot_metrics(cfg.out)
     final = {k: v for row in trainer.state.log_history for k, v in row.items() if k == "eval_loss"}
+    if eval_set is not None:
+        final["eval_bpb"] = response_bits_per_byte(model, tokenizer, eval_set, cfg.train.batch_size)
     return {
         "out": str(cfg.out),
         "steps": trainer.state.global_step,
         "trainable_parameters": trainable,
         "train_examples": len(train_set),
+        "eval_examples": len(eval_set) if eval_set is not None else 0,
         "base_sha256": base_sha256,
         "plot": str(plot) if plot else None,
         "metrics": final,

@@ -1,6 +1,8 @@
-"""Leasing adapters: `POST /api/adapters/{repo}/lease`, `DELETE /api/leases/{id}`, listings."""
+"""Leasing adapters: `POST /api/adapters/{repo}/lease`, `POST /api/adapters/lease` (the hub picks),
+`DELETE /api/leases/{id}`, listings."""
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from fedem.hub import leases
@@ -10,6 +12,14 @@ from fedem.hub.repos import get_repo
 from fedem.hub.schemas import LeasePublic, lease_public
 
 router = APIRouter(tags=["leases"])
+
+
+class LeaseAny(BaseModel):
+    """`POST /api/adapters/lease` body (optional): `among` limits the choice to these adapters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    among: list[str] | None = Field(default=None, max_length=1000)
 
 
 def _public(session: SessionDep, lease: Lease) -> LeasePublic:
@@ -25,6 +35,16 @@ def lease_adapter(
     """Lock an adapter for training; 409 names the holder and the expiry if it is taken."""
     repo = get_repo(session, f"{namespace}/{name}")
     lease = leases.acquire(session, repo, user, request.app.state.settings.lease_ttl_s)
+    return _public(session, lease)
+
+
+@router.post("/api/adapters/lease", status_code=201, response_model=LeasePublic)
+def lease_any_adapter(
+    request: Request, session: SessionDep, user: CurrentUser, body: LeaseAny | None = None
+) -> LeasePublic:
+    """Lease the open adapter that most needs work (fewest accepted versions); 404 if none is open."""
+    among = body.among if body is not None else None
+    lease = leases.acquire_open(session, user, request.app.state.settings.lease_ttl_s, among)
     return _public(session, lease)
 
 
