@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from fedem.config import apply_overrides, load_yaml, validate
 from fedem.errors import UserError
+from fedem.sim.config import SimulateConfig
 from fedem.train.config import FinetuneConfig, PretrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -14,11 +16,15 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path: Path) -> None:
     data = load_yaml(path)
-    schema = FinetuneConfig if "base" in data else PretrainConfig
+    schema: type[BaseModel]
+    if "clients" in data:
+        schema = SimulateConfig
+    else:
+        schema = FinetuneConfig if "base" in data else PretrainConfig
 
     cfg = validate(schema, data, source=path.name)
 
-    assert cfg.train.max_steps > 0
+    assert isinstance(cfg, SimulateConfig) or cfg.train.max_steps > 0
     assert path.read_text().startswith("# "), "a recipe opens with the command that runs it"
 
 

@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fedem import __version__
+from fedem.client.cli import add_client_parser
 from fedem.errors import UserError
 from fedem.hub.cli import add_hub_parser
+from fedem.sim.cli import add_simulate_parser
 
 log = logging.getLogger("fedem")
 
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate, show_summary=False)  # the text was already streamed
 
     add_hub_parser(commands)
+    add_client_parser(commands)
+    add_simulate_parser(commands)
     return parser
 
 

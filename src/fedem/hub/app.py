@@ -4,6 +4,7 @@
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
@@ -13,7 +14,7 @@ from fedem import __version__
 from fedem.hub.db import Database, migrate
 from fedem.hub.errors import install_handlers
 from fedem.hub.leases import expire_due
-from fedem.hub.routes import files, hf, leases, repos, users
+from fedem.hub.routes import evaluations, files, hf, leases, repos, users
 from fedem.hub.settings import HubSettings
 from fedem.hub.store import ArtifactStore
 
@@ -33,6 +34,25 @@ async def _sweep_forever(db: Database, every_s: float) -> None:
             log.exception("sweeper pass failed")
 
 
+def _start_eval_worker(
+    settings: HubSettings, db: Database, store: ArtifactStore
+) -> tuple[threading.Thread, threading.Event]:
+    """`serve --eval-worker`: the evaluation worker in a daemon thread (imports torch only then)."""
+    from fedem.hub.evaluation import check_eval_data, run_worker
+
+    check_eval_data(settings)  # unusable data stops the start-up, not every submission
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_worker,
+        kwargs={"settings": settings, "stop": stop, "db": db, "store": store},
+        name="fedem-eval-worker",
+        daemon=True,
+    )
+    thread.start()
+    log.info("evaluation worker started", extra={"eval_data": str(settings.eval_data)})
+    return thread, stop
+
+
 def create_app(settings: HubSettings) -> FastAPI:
     settings.root.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
@@ -45,8 +65,13 @@ def create_app(settings: HubSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(_sweep_forever(db, settings.sweep_every_s))
+        worker = _start_eval_worker(settings, db, store) if settings.eval_worker else None
         yield
         sweeper.cancel()
+        if worker is not None:
+            thread, stop = worker
+            stop.set()
+            await run_in_threadpool(thread.join, 10.0)  # mid-evaluation it finishes as a daemon
         db.engine.dispose()
 
     app = FastAPI(title="fedem hub", version=__version__, lifespan=lifespan)
@@ -54,7 +79,8 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.db = db
     app.state.store = store
     install_handlers(app)
-    for module in (repos, leases, users, files, hf):  # hf last: its /{ns}/{name}/resolve/… is a catch-all
+    # hf last: its /{ns}/{name}/resolve/… is a catch-all
+    for module in (repos, leases, users, files, evaluations, hf):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -74,6 +75,11 @@ def _settings(args: argparse.Namespace) -> "HubSettings":
         "lease_ttl_s": getattr(args, "lease_ttl", None),
         "sweep_every_s": getattr(args, "sweep_every", None),
         "max_file_bytes": getattr(args, "max_file_bytes", None),
+        "eval_data": getattr(args, "eval_data", None),
+        "eval_worker": getattr(args, "eval_worker", None),
+        "eval_poll_s": getattr(args, "poll", None),
+        "accept_delta": getattr(args, "delta", None),
+        "accept_epsilon": getattr(args, "epsilon", None),
     }
     try:
         return HubSettings(root=args.root, **{k: v for k, v in given.items() if v is not None})
@@ -113,6 +119,24 @@ def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
         app, host=args.host, port=args.port, log_config=None, log_level="debug" if args.verbose else "info"
     )
     return {"status": "stopped", "root": str(settings.root)}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the evaluation worker against the hub's database and store (no running hub needed)."""
+    configure_json_logging(args.verbose)
+    settings = _settings(args)
+    if not settings.eval_data or not settings.eval_data.is_dir():
+        raise UserError(f"no such folder of evaluation data: {settings.eval_data}")
+    if settings.db_url is None and not (settings.root / "hub.db").is_file():
+        raise UserError(
+            f"no hub database in {settings.root}: pass the hub's --root (and --db, if it has one)"
+        )
+
+    from fedem.hub.evaluation import run_worker  # torch and transformers: only once the inputs are right
+
+    done = run_worker(settings, once=args.once)
+    decided = {d: sum(1 for job in done if job["decision"] == d) for d in ("accepted", "rejected")}
+    return {"root": str(settings.root), "evaluated": len(done), **decided, "jobs": done}
 
 
 def cmd_user_add(args: argparse.Namespace) -> dict[str, Any]:
@@ -237,9 +261,84 @@ def cmd_lease(args: argparse.Namespace) -> dict[str, Any]:
         return hub.lease(args.adapter)
 
 
-def cmd_release(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_unlease(args: argparse.Namespace) -> dict[str, Any]:
     with _hub(args, token_needed=True) as hub:
         return hub.release(args.lease_id)
+
+
+def parse_every(text: str) -> float:
+    """`30m`, `6h`, `1d` (or plain seconds) → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise UserError(f"--every takes a duration like 30m, 6h or 1d, not {text!r}") from None
+    if seconds <= 0:
+        raise UserError("--every must be positive")
+    return seconds
+
+
+def _scheduled(args: argparse.Namespace, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run `job` once, or forever every `--every` (each run's summary is logged)."""
+    if args.every is None:
+        return job()
+    interval = parse_every(args.every)
+    while True:
+        log.info("scheduled run: %s", json.dumps(job(), default=str))
+        time.sleep(interval)
+
+
+def cmd_release_base(args: argparse.Namespace) -> dict[str, Any]:
+    from fedem.hub.release import release
+
+    with _hub(args, token_needed=True) as hub:
+        return _scheduled(
+            args,
+            lambda: release(
+                hub,
+                args.base_repo,
+                args.workdir,
+                method=args.method,
+                density=args.density,
+                eval_data=args.eval_data,
+                seed=args.seed,
+            ),
+        )
+
+
+def cmd_cpt(args: argparse.Namespace) -> dict[str, Any]:
+    from fedem.hub.release import continue_pretraining
+
+    with _hub(args, token_needed=True) as hub:
+        return _scheduled(
+            args,
+            lambda: continue_pretraining(
+                hub,
+                args.base_repo,
+                args.data,
+                args.workdir,
+                args.max_steps,
+                eval_data=args.eval_data,
+            ),
+        )
+
+
+def _add_gate_options(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """The evaluation data and the acceptance gate (docs/evaluation.md)."""
+    parser.add_argument(
+        "--eval-data",
+        type=Path,
+        required=required,
+        metavar="DIR",
+        help="server-only held-out data: mono/<lang>.txt and pairs/en-<lang>.tsv",
+    )
+    parser.add_argument(
+        "--delta", type=float, help="minimum improvement of the task metric (chrF, or mean bpb; default 0)"
+    )
+    parser.add_argument(
+        "--epsilon", type=float, help="largest relative bpb worsening in any language (default 0.02)"
+    )
 
 
 def add_hub_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -279,6 +378,29 @@ def add_hub_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser
     serve.add_argument(
         "--max-file-bytes", type=int, metavar="N", help="largest artifact accepted (default 4 GiB)"
     )
+    serve.add_argument(
+        "--eval-worker",
+        action="store_true",
+        default=None,
+        help="also evaluate submitted adapters in this process (needs --eval-data)",
+    )
+    _add_gate_options(serve)
+
+    evaluate = action(
+        actions,
+        "evaluate",
+        cmd_evaluate,
+        "evaluate submitted adapter versions on held-out server data, then accept or reject them",
+        remote=False,
+    )
+    evaluate.add_argument("--root", type=Path, required=True, help="the hub's --root")
+    evaluate.add_argument("--db", help="the hub's --db URL, if it has one")
+    evaluate.add_argument("--store", help="the hub's --store URL, if it has one")
+    evaluate.add_argument(
+        "--once", action="store_true", help="evaluate what is queued, then exit (default: keep polling)"
+    )
+    evaluate.add_argument("--poll", type=float, metavar="SECONDS", help="idle wait between polls (default 5)")
+    _add_gate_options(evaluate, required=True)
 
     users = actions.add_parser("user", help="manage contributors")
     user_add = action(
@@ -321,5 +443,26 @@ def add_hub_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser
     action(actions, "ls", cmd_ls, "list repos")
     action(actions, "log", cmd_log, "a repo's revisions, newest first").add_argument("repo")
     action(actions, "lease", cmd_lease, "lease an adapter for training").add_argument("adapter")
-    action(actions, "release", cmd_release, "give a lease back without pushing").add_argument("lease_id")
+    action(actions, "unlease", cmd_unlease, "give a lease back without pushing").add_argument("lease_id")
+
+    for name, handler, help_text in (
+        ("release", cmd_release_base, "merge the accepted adapter heads into the base; publish vN+1"),
+        ("cpt", cmd_cpt, "continue pretraining the base on new text; publish vN+1"),
+    ):
+        publish = action(actions, name, handler, help_text)
+        publish.add_argument("--base-repo", default="seshu/base")
+        publish.add_argument("--workdir", type=Path, default=Path("runs/hub-releases"))
+        publish.add_argument("--eval-data", type=Path, help="held-out folder (mono/, parallel/) for the card")
+        publish.add_argument("--every", help="repeat on a schedule: 30m, 6h, 1d")
+        if name == "release":
+            publish.add_argument(
+                "--method",
+                default="ties",
+                choices=["ties", "dare_ties", "dare_linear", "linear", "task_arithmetic"],
+            )
+            publish.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of ΔW kept")
+            publish.add_argument("--seed", type=int, default=0)
+        else:
+            publish.add_argument("--data", type=Path, required=True, help="text file or folder of <lang>.txt")
+            publish.add_argument("--max-steps", type=int, default=200)
     action(actions, "whoami", cmd_whoami, "the user behind your token")

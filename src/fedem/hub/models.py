@@ -158,6 +158,9 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+EVALUATION_STATES = ("queued", "running", "done", "failed")
+
+
 class Evaluation(Base):
     """The server-side evaluation of one submitted adapter version (docs/evaluation.md).
 

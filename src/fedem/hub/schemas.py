@@ -1,11 +1,15 @@
-"""Request and response bodies of the hub API, kept apart from the ORM tables."""
+"""Request and response bodies of the hub API, kept apart from the ORM tables.
+
+Single-blind review: while an adapter version awaits its evaluation (status `pending`, no decision
+yet) every public view names its contributor by pseudonym; the name appears once it is decided.
+"""
 
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedem.hub.models import Lease, Repo, Revision
+from fedem.hub.models import Evaluation, Lease, Repo, Revision, User
 
 
 class Strict(BaseModel):
@@ -67,6 +71,28 @@ class LeasePublic(BaseModel):
     outcome: str | None
 
 
+class EvaluationPublic(BaseModel):
+    id: int
+    repo: str
+    tag: str
+    commit: str
+    base: str | None
+    contributor: str = Field(description="a pseudonym until the version is decided, then the name")
+    state: str = Field(description="queued | running | done | failed")
+    decision: str | None = Field(description="accepted | rejected, once decided")
+    reason: str | None
+    scores: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker: str | None
+
+
+class DecisionCreate(Strict):
+    decision: Literal["accepted", "rejected"]
+    reason: str = Field(min_length=1, max_length=2000, description="why; kept with the decision and audited")
+
+
 class UserCreate(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     role: Literal["donor", "maintainer"]
@@ -94,6 +120,11 @@ def _ref(revision: Revision | None) -> str | None:
     return f"{revision.repo.name}@{revision.tag}" if revision else None
 
 
+def shown_contributor(user: User, decided: bool) -> str:
+    """Single-blind: the pseudonym until a decision is made, the name afterwards."""
+    return user.name if decided else user.pseudonym
+
+
 def revision_public(revision: Revision, parent: Revision | None, base: Revision | None) -> RevisionPublic:
     return RevisionPublic(
         repo=revision.repo.name,
@@ -101,7 +132,7 @@ def revision_public(revision: Revision, parent: Revision | None, base: Revision 
         commit=revision.commit,
         parent=parent.tag if parent else None,
         base=_ref(base),
-        contributor=revision.contributor.name,
+        contributor=shown_contributor(revision.contributor, revision.status != "pending"),
         status=revision.status,
         description=revision.description,
         metrics=revision.metrics,
@@ -121,4 +152,24 @@ def lease_public(lease: Lease, start: Revision | None, base: Revision | None) ->
         expires_at=lease.expires_at,
         ended_at=lease.ended_at,
         outcome=lease.outcome,
+    )
+
+
+def evaluation_public(evaluation: Evaluation, base: Revision | None) -> EvaluationPublic:
+    revision = evaluation.revision
+    return EvaluationPublic(
+        id=evaluation.id,
+        repo=revision.repo.name,
+        tag=revision.tag,
+        commit=revision.commit,
+        base=_ref(base),
+        contributor=shown_contributor(revision.contributor, evaluation.decision is not None),
+        state=evaluation.state,
+        decision=evaluation.decision,
+        reason=evaluation.reason,
+        scores=evaluation.scores,
+        created_at=evaluation.created_at,
+        started_at=evaluation.started_at,
+        finished_at=evaluation.finished_at,
+        worker=evaluation.worker,
     )

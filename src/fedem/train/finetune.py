@@ -17,7 +17,7 @@ import math
 import random
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -102,7 +102,7 @@ def response_bits_per_byte(
         ).item()
     for _, labels in examples.rows:
         learned = [t for t in labels[1:] if t != IGNORE_INDEX]
-        byte_count += len(tokenizer.decode(learned, skip_special_tokens=True).encode("utf-8"))
+        byte_count += len(cast(str, tokenizer.decode(learned, skip_special_tokens=True)).encode("utf-8"))
     model.train(was_training)
     return nll / math.log(2) / max(byte_count, 1)
 
@@ -112,6 +112,10 @@ def adapter_model(cfg: FinetuneConfig) -> PeftModel:
     base = load_model(cfg.base)
     if cfg.init is not None:
         model = load_adapter(base, cfg.init, cfg.base, trainable=True, check_base=not cfg.rebase)
+        for adapter_config in model.peft_config.values():
+            # the base it is trained on from now on; a relayed adapter may name a hub repo here, which
+            # peft would otherwise try to look up on huggingface.co when saving
+            adapter_config.base_model_name_or_path = str(cfg.base)
     else:
         lora = LoraConfig(
             r=cfg.lora.r,

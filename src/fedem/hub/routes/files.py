@@ -4,6 +4,10 @@ A push is two steps, like git: `PUT /api/blobs/{sha256}` for each file the hub l
 then `POST /api/repos/{ns}/{name}/revisions` with the manifest (paths → sha256). The revision, the
 end of the donor's lease and the audit entry are one database transaction, so a refused or
 interrupted push leaves the repo exactly as it was.
+
+An adapter version is published `pending` with a `queued` evaluation in that same transaction: it
+becomes the head only once the evaluation worker accepts it (docs/evaluation.md). Model and dataset
+revisions, published by maintainers, are accepted at once.
 """
 
 from functools import partial
@@ -19,7 +23,7 @@ from starlette.requests import ClientDisconnect
 from fedem.hub import leases, validate
 from fedem.hub.auth import CurrentUser, SessionDep
 from fedem.hub.errors import HubError
-from fedem.hub.models import Blob, File, Lease, Repo, Revision, User, utcnow
+from fedem.hub.models import Blob, Evaluation, File, Lease, Repo, Revision, User, utcnow
 from fedem.hub.repos import commit_id, get_repo, get_revision, head
 from fedem.hub.schemas import RevisionCreate, RevisionPublic, revision_public
 from fedem.hub.settings import HubSettings
@@ -149,12 +153,14 @@ def publish(
         parent_id=parent.id if parent else None,
         base_id=base.id if base else None,
         contributor=user,
-        status="accepted",
+        status="pending" if repo.kind == "adapter" else "accepted",
         description=body.description,
         metrics=body.metrics,
         files=files,
     )
     session.add(revision)
+    if repo.kind == "adapter":
+        session.add(Evaluation(revision=revision, state="queued"))
     leases.audit(
         session,
         user,
