@@ -114,7 +114,7 @@ def release(
     heads, skipped = _accepted_heads(client, base_repo, current["tag"])
     if not heads:
         return {
-            "released": None,
+            "release": None,
             "reason": "no accepted adapter trained on the current release",
             "skipped": skipped,
         }

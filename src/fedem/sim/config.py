@@ -15,6 +15,8 @@ from fedem.train.config import LoraSettings
 
 Baseline = Literal["base", "alone", "centralised"]
 BASELINES: tuple[Baseline, ...] = ("base", "alone", "centralised")
+Gate = Literal["hub", "accept"]
+ReleaseMethod = Literal["ties", "dare_ties", "linear", "task_arithmetic", "dare_linear"]
 
 
 class Strict(BaseModel):
@@ -67,6 +69,26 @@ class SimulateConfig(Strict):
     lora: LoraSettings = LoraSettings()
     eval: EvalSettings = EvalSettings()
     baselines: list[Baseline] = Field(default_factory=lambda: list(BASELINES))
+    gate: Gate = Field(
+        default="accept",
+        description="accept: the simulator accepts donors' versions itself (fast); hub: the embedded hub's "
+        "evaluation worker screens, scores and decides every pushed version with the δ/ε gate",
+    )
+    eval_data: Path = Field(
+        default=Path("data"),
+        description="gate hub: the worker's held-out data in data/ layout (mono/<lang>.valid.txt, "
+        "parallel/en-<lang>.test.tsv); only the eval languages' files are handed to the hub",
+    )
+    accept_delta: float = Field(default=0.0, description="gate hub: minimum task-metric improvement (δ)")
+    accept_epsilon: float = Field(default=0.02, ge=0, description="gate hub: largest relative bpb worsening")
+    gate_timeout_s: float = Field(default=900.0, gt=0, description="gate hub: longest wait for a decision")
+    release: ReleaseMethod | None = Field(
+        default=None, description="after the last round, merge the accepted heads into base release v2"
+    )
+    release_density: float = Field(default=0.5, gt=0, le=1, description="density of ties/dare merges")
+    prompt: str | None = Field(
+        default=None, description="generate from this prompt with v2 (or the base + the final head)"
+    )
     max_concurrent_clients: int = Field(default=2, ge=1, description="donor processes alive at once")
     client_timeout_s: float = Field(default=3600.0, gt=0, description="a donor process is killed after")
     seed: int = 0

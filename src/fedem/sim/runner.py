@@ -149,8 +149,11 @@ class EmbeddedHub:
 
 
 @contextmanager
-def embedded_hub(root: Path, donors: Sequence[str], log_file: Path) -> Iterator[EmbeddedHub]:
+def embedded_hub(
+    root: Path, donors: Sequence[str], log_file: Path, extra: dict[str, Any] | None = None
+) -> Iterator[EmbeddedHub]:
     """Start a fresh hub in `root` (which must not hold one) with `MAINTAINER` and `donors`; stop it after.
+    `extra` holds further `HubSettings` (e.g. the evaluation worker's), so the hub is the sim config's.
 
     This process binds the socket and hands it to the server, so the port is chosen race-free."""
     from fedem.hub.auth import create_user
@@ -160,8 +163,8 @@ def embedded_hub(root: Path, donors: Sequence[str], log_file: Path) -> Iterator[
     if (root / "hub.db").exists():
         raise UserError(f"{root} already holds a hub: simulate into a fresh --out")
     root.mkdir(parents=True, exist_ok=True)
-    settings = {"root": str(root)}
-    database = Database(HubSettings(**settings).database_url)  # type: ignore[arg-type]
+    settings = {"root": str(root), **(extra or {})}
+    database = Database(HubSettings(**settings).database_url)
     migrate(database.engine)
     tokens: dict[str, str] = {}
     with database.session() as session:
@@ -207,6 +210,61 @@ def decide(client: HubClient, revision: dict[str, Any], accept: bool, reason: st
     if response.status_code >= 400:
         raise HubAPIError(response.status_code, "decision_failed", response.text[:300])
     return {**record, "decision": decision, "reason": reason}
+
+
+def hub_settings(cfg: SimulateConfig, staged: Path) -> dict[str, Any]:
+    """The embedded hub's extra `HubSettings`: none with gate "accept"; with gate "hub", the evaluation
+    worker on `staged` data, the sim's δ/ε gate and the sim's eval limits (so the worker's and the
+    report's numbers are measured alike)."""
+    if cfg.gate != "hub":
+        return {}
+    return {
+        "eval_worker": True,
+        "eval_data": str(staged.resolve()),
+        "eval_poll_s": 0.5,
+        "accept_delta": cfg.accept_delta,
+        "accept_epsilon": cfg.accept_epsilon,
+        "eval_max_lines": cfg.eval.max_lines,
+        "eval_max_pairs": cfg.eval.max_pairs,
+        "eval_max_new_tokens": cfg.eval.max_new_tokens,
+    }
+
+
+def stage_eval_data(source: Path, languages: Sequence[str], dest: Path) -> Path:
+    """`source`'s `mono/<lang>.valid.txt` and `parallel/en-<lang>.test.tsv` of `languages` only (links):
+    the worker scores every language it finds, and a training `<lang>.txt` beside them would make it
+    read that instead of the held-out file."""
+    for code in languages:
+        valid = source / "mono" / f"{code}.valid.txt"
+        if not valid.is_file():
+            raise UserError(f"eval_data {source}: no held-out text {valid}")
+        (dest / "mono").mkdir(parents=True, exist_ok=True)
+        (dest / "mono" / valid.name).symlink_to(valid.resolve())
+        test = source / "parallel" / f"en-{code}.test.tsv"
+        if code != "en" and test.is_file():
+            (dest / "parallel").mkdir(parents=True, exist_ok=True)
+            (dest / "parallel" / test.name).symlink_to(test.resolve())
+    return dest
+
+
+def await_decision(client: HubClient, revision: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """gate "hub": wait until the hub's worker has decided a pushed version (polling its evaluation as
+    the maintainer), so the next lease starts from what the gate accepted; a failed evaluation leaves
+    the version pending, which is never the head, and is recorded as `failed`."""
+    record = {"repo": revision["repo"], "version": revision["tag"], "commit": revision["commit"]}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = client.http.get(f"/api/evaluations/{revision['commit']}")
+        if response.status_code >= 400:
+            raise HubAPIError(response.status_code, "evaluation_failed", response.text[:300])
+        found = response.json()
+        if found["state"] in ("done", "failed"):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{revision['repo']}@{revision['tag']}: no decision in {timeout_s:.0f} s")
+        time.sleep(0.5)
+    decision = found["decision"] if found["state"] == "done" else "failed"
+    return {**record, "decision": decision, "reason": found["reason"], "by": "hub worker"}
 
 
 def push_adapter(
@@ -339,12 +397,12 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def score(cfg: SimulateConfig, adapter: Path | None, out: Path) -> dict[str, float]:
-    """Held-out bpb per language and chrF per direction of the base (+ `adapter`)."""
+def score(cfg: SimulateConfig, adapter: Path | None, out: Path, model: Path | None = None) -> dict[str, float]:
+    """Held-out bpb per language and chrF per direction of the base, or `model` (+ `adapter`)."""
     from fedem.evaluate import evaluate
 
     results = evaluate(
-        cfg.base,
+        model or cfg.base,
         out,
         adapter=adapter,
         mono=cfg.eval.mono,
