@@ -131,7 +131,7 @@ def resolve_weights(method: str, n: int, weights: list[float] | None) -> list[fl
     return [float(w) for w in weights]
 
 
-def _check_density(method: str, density: float | None) -> None:
+def check_density(method: str, density: float | None) -> None:
     """TIES/DARE need a density in (0, 1]; the other methods have none (refused rather than ignored)."""
     if method not in DENSITY_METHODS:
         if density is not None:
@@ -163,7 +163,7 @@ def combine(
     if not deltas:
         raise UserError("nothing to merge: no adapters given")
     resolved = resolve_weights(method, len(deltas), weights)
-    _check_density(method, density)
+    check_density(method, density)
     w = torch.tensor(resolved, dtype=deltas[0].dtype)  # (n,)
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=seed is not None):
         # density 1 is a valid choice (no trimming/dropping); peft warns about it once per tensor.
@@ -234,7 +234,7 @@ def merge(
     if not adapters:
         raise UserError("nothing to merge: give at least one adapter")
     resolved = resolve_weights(method, len(adapters), weights)
-    _check_density(method, density)
+    check_density(method, density)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
 

@@ -25,7 +25,7 @@ from typing import Literal, get_args
 import torch
 
 from fedem.errors import UserError
-from fedem.merge import DENSITY_METHODS, METHODS, Method, _check_density, combine, resolve_weights
+from fedem.merge import DENSITY_METHODS, METHODS, Method, check_density, combine, resolve_weights
 from fedem.policy.base import (
     AdapterRef,
     AdapterWeights,
@@ -70,7 +70,7 @@ class ParallelMerge(Policy):
             raise UserError(f"unknown weighting {self.weighting!r}; choose one of {get_args(Weighting)}")
         if self.method in DENSITY_METHODS and self.density is None:
             object.__setattr__(self, "density", DEFAULT_DENSITY)
-        _check_density(self.method, self.density)
+        check_density(self.method, self.density)
 
     def configure(self, round: int, clients: Sequence[str], head: AdapterRef) -> RoundPlan:
         return parallel_plan(clients, head, self.steps_per_client)

@@ -634,130 +634,204 @@ class Simulation:
         client.pull(repo, tag, dest)
         return dest
 
+    def settle(
+        self, client: HubClient, revision: dict[str, Any], accept: bool, reason: str, **where: Any
+    ) -> dict[str, Any]:
+        """Decide a pushed version and record it: with gate "hub" the hub's worker decides (the
+        simulator waits for it); otherwise the simulator decides `accept` itself, with `reason`."""
+        if self.cfg.gate == "hub":
+            decision = await_decision(client, revision, self.cfg.gate_timeout_s)
+        else:
+            decision = decide(client, revision, accept, reason)
+        self.report["decisions"].append({**where, **decision})
+        return decision
+
+    def donor_job(self, round: int, client_name: str, repo: str, steps: int) -> DonorJob:
+        return DonorJob(
+            client=client_name,
+            repo=repo,
+            steps=steps,
+            shard=self.shards[client_name],
+            workdir=self.out / "clients" / client_name,
+            log_file=self.out / "logs" / f"round-{round:02d}-{client_name}.log",
+        )
+
+    def collect(
+        self, round: int, client: HubClient, done: DonorJob, start: AdapterRef, turns: list[dict[str, Any]]
+    ) -> tuple[ClientUpdate, Path] | None:
+        """Settle a donor's version, record the turn and pull the version; None when it was not accepted:
+        a rejected version never becomes the head, so it is no update to aggregate."""
+        revision = client.revision(done.repo, done.result["version"])
+        reason = f"simulation round {round}: donor version"
+        decision = self.settle(client, revision, True, reason, round=round, client=done.client)
+        metrics = done.result.get("metrics", {})
+        turns.append(
+            {
+                "client": done.client,
+                "repo": done.repo,
+                "version": done.result["version"],
+                "start": f"{start.repo}@v{start.version}",
+                "steps": done.result.get("steps"),
+                "train_examples": metrics.get("train_examples"),
+                "donor_eval_bpb": metrics.get("eval_bpb"),
+                "decision": decision["decision"],
+                "seconds": round_s(time.monotonic() - done.started),
+            }
+        )
+        if decision["decision"] != "accepted":
+            return None
+        dest = self.pull(client, done.repo, done.result["version"], self.round_dir(round) / done.client)
+        update = ClientUpdate(
+            client=done.client,
+            start=start,
+            result=load_weights(dest),
+            num_examples=int(metrics.get("train_examples", 0)),
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        )
+        return update, dest
+
+    def round_dir(self, round: int) -> Path:
+        return self.out / "rounds" / f"round-{round:02d}"
+
+    def relay_turns(
+        self, round: int, hub: EmbeddedHub, client: HubClient, head: Head, tasks: Sequence[Any], turns: list
+    ) -> tuple[list[ClientUpdate], Path]:
+        """Donors one after another on `HEAD_REPO`. A lease starts from the newest accepted version, so
+        after a rejection the next donor continues from the last accepted one, as a real hub does."""
+        start, folder, updates = head.ref, head.folder, []
+        for task in tasks:
+            done = self.donor_job(round, task.client, HEAD_REPO, task.steps)
+            run_donors(self.cfg, hub, [done], 1)
+            got = self.collect(round, client, done, start, turns)
+            if got is not None:
+                updates.append(got[0])
+                folder = got[1]
+                start = AdapterRef(HEAD_REPO, version_of(done.result["version"]))
+        return updates, folder
+
+    def parallel_turns(
+        self, round: int, hub: EmbeddedHub, client: HubClient, head: Head, tasks: Sequence[Any], turns: list
+    ) -> list[ClientUpdate]:
+        """Copy the head into each client's repo (the maintainer accepts the copy: it is the head
+        already), run the donors at once from it, and collect the accepted versions."""
+        jobs = []
+        for task in tasks:
+            repo = f"sim/{task.client}"
+            described = f"head {head.ref.repo}@v{head.ref.version}"
+            revision = push_adapter(client, repo, head.folder, self.base_ref, described, {})
+            decision = decide(client, revision, True, f"round {round}: the head, to start from")
+            self.report["decisions"].append({"round": round, "client": task.client, **decision})
+            jobs.append(self.donor_job(round, task.client, repo, task.steps))
+        run_donors(self.cfg, hub, jobs, self.cfg.max_concurrent_clients)
+        updates = []
+        for done, task in zip(jobs, tasks, strict=True):
+            got = self.collect(round, client, done, task.start, turns)
+            if got is not None:
+                updates.append(got[0])
+        return updates
+
     def run_round(
         self, round: int, hub: EmbeddedHub, client: HubClient, head: Head, base_sha256: str
     ) -> Head:
-        cfg, folder = self.cfg, self.out / "rounds" / f"round-{round:02d}"
+        """One round: the plan's donor turns, then the policy's aggregate of the accepted versions."""
         plan = self.policy.configure(round, self.clients, head.ref)
         began = time.monotonic()
-        updates: list[ClientUpdate] = []
         turns: list[dict[str, Any]] = []
-        last_folder = head.folder
-
-        def job(client_name: str, repo: str, steps: int) -> DonorJob:
-            return DonorJob(
-                client=client_name,
-                repo=repo,
-                steps=steps,
-                shard=self.shards[client_name],
-                workdir=self.out / "clients" / client_name,
-                log_file=self.out / "logs" / f"round-{round:02d}-{client_name}.log",
-            )
-
-        def collect(done: DonorJob, start: AdapterRef) -> Path:
-            revision = client.revision(done.repo, done.result["version"])
-            decision = decide(client, revision, True, f"simulation round {round}: donor version")
-            self.report["decisions"].append({"round": round, "client": done.client, **decision})
-            dest = self.pull(client, done.repo, done.result["version"], folder / done.client)
-            metrics = done.result.get("metrics", {})
-            updates.append(
-                ClientUpdate(
-                    client=done.client,
-                    start=start,
-                    result=load_weights(dest),
-                    num_examples=int(metrics.get("train_examples", 0)),
-                    metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
-                )
-            )
-            turns.append(
-                {
-                    "client": done.client,
-                    "repo": done.repo,
-                    "version": done.result["version"],
-                    "start": f"{start.repo}@v{start.version}",
-                    "steps": done.result.get("steps"),
-                    "train_examples": metrics.get("train_examples"),
-                    "donor_eval_bpb": metrics.get("eval_bpb"),
-                    "seconds": round_s(time.monotonic() - done.started),
-                }
-            )
-            return dest
-
+        entry: dict[str, Any] = {"round": round, "sequential": plan.sequential, "turns": turns}
         if plan.sequential:
-            start = head.ref
-            for task in plan.tasks:
-                done = job(task.client, HEAD_REPO, task.steps)
-                run_donors(cfg, hub, [done], 1)
-                last_folder = collect(done, start)
-                start = AdapterRef(HEAD_REPO, version_of(done.result["version"]))
+            updates, last_folder = self.relay_turns(round, hub, client, head, plan.tasks, turns)
         else:
-            jobs = []
-            for task in plan.tasks:
-                repo = f"sim/{task.client}"
-                revision = push_adapter(
-                    client, repo, head.folder, self.base_ref, f"head {head.ref.repo}@v{head.ref.version}", {}
-                )
-                decision = decide(client, revision, True, f"round {round}: the head, to start from")
-                self.report["decisions"].append({"round": round, "client": task.client, **decision})
-                jobs.append(job(task.client, repo, task.steps))
-            run_donors(cfg, hub, jobs, cfg.max_concurrent_clients)
-            for done, task in zip(jobs, plan.tasks, strict=True):
-                collect(done, task.start)
-        aggregate = self.policy.aggregate(round, head.weights, updates)
-        entry: dict[str, Any] = {
+            updates, last_folder = self.parallel_turns(round, hub, client, head, plan.tasks, turns), head.folder
+        if not updates:
+            note = "no version was accepted: the head stays"
+            entry.update(contributors=[], weights={}, note=note, projection_error=None, decision="none")
+            entry.update(head=f"{HEAD_REPO}@v{head.ref.version}", metrics=head.metrics)
+            new = head
+        else:
+            aggregate = self.policy.aggregate(round, head.weights, updates)
+            entry.update(
+                contributors=list(aggregate.contributors),
+                weights=dict(aggregate.weights),
+                note=aggregate.note,
+                projection_error=aggregate.projection_error,
+            )
+            if plan.sequential and aggregate.adapter is updates[-1].result:
+                # the relay's head is the last accepted donor version, the hub's head already
+                ref = AdapterRef(HEAD_REPO, version_of(str(next(t for t in reversed(turns) if t["decision"] == "accepted")["version"])))
+                metrics = score(self.cfg, last_folder, self.out / "eval" / f"round-{round:02d}")
+                new = Head(ref, last_folder, aggregate.adapter, metrics)
+                entry.update(head=f"{HEAD_REPO}@v{ref.version}", decision="accepted", metrics=metrics)
+            else:
+                new = self.push_aggregate(round, client, head, aggregate, base_sha256, entry)
+        entry["seconds"] = round_s(time.monotonic() - began)
+        self.report["rounds"].append(entry)
+        log.info("round %d: head %s, %s", round, entry["head"], entry["note"])
+        return new
+
+    def push_aggregate(
+        self, round: int, client: HubClient, head: Head, aggregate: Any, base_sha256: str, entry: dict
+    ) -> Head:
+        """Write, score and push the aggregate; it becomes the head if accepted (by the policy's
+        `accept`, or by the hub's gate)."""
+        cfg, target = self.cfg, self.round_dir(round) / "aggregate"
+        provenance = {
+            "task": "translate",
+            "policy": cfg.policy,
             "round": round,
-            "sequential": plan.sequential,
-            "turns": turns,
             "contributors": list(aggregate.contributors),
             "weights": dict(aggregate.weights),
             "note": aggregate.note,
-            "projection_error": aggregate.projection_error,
         }
-        if plan.sequential and aggregate.adapter is updates[-1].result:
-            # the relay's head is the last donor's version, accepted on the hub already: nothing to push
-            ref = AdapterRef(HEAD_REPO, version_of(str(turns[-1]["version"])))
-            metrics = score(cfg, last_folder, self.out / "eval" / f"round-{round:02d}")
-            new = Head(ref, last_folder, aggregate.adapter, metrics)
-            entry.update(head=f"{HEAD_REPO}@v{ref.version}", decision="accepted", metrics=metrics)
-        else:
-            target = folder / "aggregate"
-            provenance = {
-                "task": "translate",
-                "policy": cfg.policy,
-                "round": round,
-                "contributors": list(aggregate.contributors),
-                "weights": dict(aggregate.weights),
-                "note": aggregate.note,
-            }
-            save_weights(aggregate.adapter, head.folder, target, provenance, base_sha256)
-            metrics = score(cfg, target, self.out / "eval" / f"round-{round:02d}")
-            revision = push_adapter(
-                client,
-                HEAD_REPO,
-                target,
-                self.base_ref,
-                f"round {round}: {aggregate.note}"[:500],
-                {k.replace("/", "_"): v for k, v in metrics.items()},
-            )
-            accept = self.policy.accept(metrics, head.metrics)
-            reason = f"policy {cfg.policy}.accept: {'yes' if accept else 'no'} (candidate vs head metrics)"
-            decision = decide(client, revision, accept, reason)
-            self.report["decisions"].append({"round": round, "client": None, **decision})
-            if accept:
-                ref = AdapterRef(HEAD_REPO, version_of(revision["tag"]))
-                new = Head(ref, target, aggregate.adapter, metrics)
-            else:
-                new = head
-            entry.update(
-                head=f"{HEAD_REPO}@v{new.ref.version}",
-                decision=decision["decision"],
-                candidate_metrics=metrics,
-                metrics=new.metrics,
-            )
-        entry["seconds"] = round_s(time.monotonic() - began)
-        self.report["rounds"].append(entry)
-        log.info("round %d: head %s, %s", round, entry["head"], aggregate.note)
+        save_weights(aggregate.adapter, head.folder, target, provenance, base_sha256)
+        metrics = score(cfg, target, self.out / "eval" / f"round-{round:02d}")
+        pushed_metrics = {k.replace("/", "_"): v for k, v in metrics.items()}
+        note = f"round {round}: {aggregate.note}"[:500]
+        revision = push_adapter(client, HEAD_REPO, target, self.base_ref, note, pushed_metrics)
+        accept = self.policy.accept(metrics, head.metrics)
+        reason = f"policy {cfg.policy}.accept: {'yes' if accept else 'no'} (candidate vs head metrics)"
+        decision = self.settle(client, revision, accept, reason, round=round, client=None)
+        new = head
+        if decision["decision"] == "accepted":
+            new = Head(AdapterRef(HEAD_REPO, version_of(revision["tag"])), target, aggregate.adapter, metrics)
+        entry.update(
+            head=f"{HEAD_REPO}@v{new.ref.version}",
+            decision=decision["decision"],
+            candidate_metrics=metrics,
+            metrics=new.metrics,
+        )
         return new
+
+    def publish_release(self, client: HubClient, base_metrics: dict[str, float]) -> Path | None:
+        """Base release v2 the way a maintainer makes one (`fedem.hub.release.release`: the accepted
+        heads merged into v1, a model card crediting their donors), pulled back from the hub and scored
+        like every head, so v1 and v2 are compared on the same held-out rows. Returns v2's folder."""
+        from fedem.hub.release import release
+
+        cfg, workdir = self.cfg, self.out / "release"
+        assert cfg.release is not None
+        result = release(client, BASE_REPO, workdir, cfg.release, cfg.release_density, self.eval_data, cfg.seed)
+        entry: dict[str, Any] = {"method": cfg.release, "density": cfg.release_density, **result}
+        self.report["release"] = entry
+        if not result.get("release"):
+            return None
+        v2 = self.pull(client, BASE_REPO, result["commit"], workdir / "v2")
+        entry["card"] = str(v2 / "README.md")
+        entry["v1_metrics"] = base_metrics or score(cfg, None, self.out / "eval" / "base")
+        entry["metrics"] = score(cfg, None, self.out / "eval" / "release", model=v2)
+        return v2
+
+    def generate_text(self, model_dir: Path | None, head: Head) -> None:
+        """Greedy text from `prompt` with v2, or (no release) the base with the final head merged in."""
+        from fedem.generate import decoding_config, generate, load_for_inference
+
+        cfg = self.cfg
+        assert cfg.prompt is not None
+        adapter = None if model_dir is not None else head.folder
+        model, tokenizer = load_for_inference(model_dir or cfg.base, adapter)
+        decoding = decoding_config(max_new_tokens=32, repetition_penalty=1.3)
+        text = generate(model, tokenizer, cfg.prompt, decoding)
+        label = self.report.get("release", {}).get("release") if model_dir else f"base + {HEAD_REPO}@v{head.ref.version}"
+        self.report["generation"] = {"model": label, "prompt": cfg.prompt, "text": text, "max_new_tokens": 32, "repetition_penalty": 1.3}
 
 
 def round_s(seconds: float) -> float:
