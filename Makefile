@@ -29,21 +29,18 @@ lint: install
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
-# The whole model pipeline on the shipped data, in minutes on 2 CPU cores:
-# tokenizer → pretrain seshu-small → LoRA en→hi → merge → evaluate → generate.
+# The whole story on the shipped data, in minutes on 2 CPU cores: tokenizer → pretrain seshu-small →
+# an embedded hub → three simulated donors relay-train adapters → blind evaluation by the hub's worker
+# → merge → base release v2 → generate with v2 → a summary table and plots (docs/simulate.md).
 demo: install
 	$(FEDEM) tokenizer train --data data/mono --vocab-size 16000 --out $(DEMO)/tok
 	$(FEDEM) pretrain --config configs/seshu-small.yaml tokenizer=$(DEMO)/tok out=$(DEMO)/seshu-small \
 		train.max_steps=150 train.eval_every=50 train.save_every=50
-	$(FEDEM) finetune --config configs/finetune-translate.yaml base=$(DEMO)/seshu-small \
-		out=$(DEMO)/adapters/en-hi train.max_steps=60 train.eval_every=30 train.save_every=30
-	$(FEDEM) merge --base $(DEMO)/seshu-small --adapters $(DEMO)/adapters/en-hi --method linear \
-		--weights 1.0 --out $(DEMO)/seshu-small-en-hi
-	$(FEDEM) evaluate --model $(DEMO)/seshu-small-en-hi --languages en,hi,ta,or --max-lines 64 \
-		--max-pairs 8 --out $(DEMO)/eval
-	$(FEDEM) generate --model $(DEMO)/seshu-small-en-hi --prompt $$'English: How are you?\nHindi:' \
-		--max-new-tokens 24 --repetition-penalty 1.3
-	@echo; echo "demo outputs in $(DEMO)/ — evaluation table: $(DEMO)/eval/report.md"
+	rm -rf $(DEMO)/federation
+	$(FEDEM) simulate --config configs/demo-federation.yaml base=$(DEMO)/seshu-small out=$(DEMO)/federation
+	@echo; echo "demo outputs in $(DEMO)/ — summary table: $(DEMO)/federation/report.md;" \
+		"plots: $(DEMO)/federation/bpb.png, $(DEMO)/federation/chrf.png;" \
+		"release v2 model card: $(DEMO)/federation/release/v2/README.md"
 
 bench: install
 	$(PY) bench/train_throughput.py --out bench/results

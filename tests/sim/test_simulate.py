@@ -64,6 +64,8 @@ def test_the_shipped_simulate_config_validates() -> None:
 
     cfg = validate(SimulateConfig, load_yaml(REPO / "configs" / "simulate.yaml"))
     assert cfg.clients == 4 and set(cfg.baselines) == {"base", "alone", "centralised"}
+    demo = validate(SimulateConfig, load_yaml(REPO / "configs" / "demo-federation.yaml"))
+    assert (demo.gate, demo.release, demo.prompt) == ("hub", "ties", "English: How are you?\nHindi:")
 
 
 def test_shards_are_disjoint_contiguous_blocks_per_language() -> None:
@@ -207,6 +209,43 @@ def test_fedavg_aggregates_parallel_donors_and_pushes_the_head(tiny_model_dir: P
     assert any(float(b.abs().sum()) > 0 for _, b in head.factors.values())  # the donors' updates landed
     assert json.loads((out / "rounds" / "round-00" / "aggregate" / "fedem.json").read_text())["base_sha256"]
     assert gaps(report) == []  # no centralised baseline asked for: no gap claimed
+
+
+def test_hub_gate_then_release_and_generation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    cfg = tiny_config(
+        tiny_model_dir,
+        out,
+        policy="relay",
+        baselines=["base"],
+        gate="hub",
+        eval_data=str(REPO / "data"),
+        accept_delta=-1000.0,
+        accept_epsilon=1000.0,
+        release="linear",
+        prompt="English: How are you?\nHindi:",
+    )
+    summary = simulate(cfg)
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    donors = [d for d in report["decisions"] if d["round"] is not None]
+    assert [(d["client"], d["version"], d["decision"]) for d in donors] == [
+        ("c0", "v2", "accepted"),
+        ("c1", "v3", "accepted"),
+    ]
+    assert all(d["by"] == "hub worker" and "δ" in d["reason"] for d in donors)  # the worker's gate
+    assert report["hub"]["eval_worker"] and report["rounds"][0]["head"] == "sim/community@v3"
+    release = report["release"]
+    assert release["release"] == "sim/base@v2" == summary["release"]
+    # every accepted version in the relay's lineage on this release is credited, the seed adapter too
+    assert release["merged"] == ["sim/community@v3"] and release["credits"] == ["c0", "c1", "sim-maintainer"]
+    card = Path(release["card"]).read_text(encoding="utf-8")
+    assert "`sim/community@v3` by c1" in card and "Contributors credited: c0, c1, sim-maintainer." in card
+    assert set(release["metrics"]) >= {"bpb/en", "bpb/hi", "chrf/en-hi"} and release["v1_metrics"]
+    generation = report["generation"]
+    assert generation["model"] == "sim/base@v2" and generation["text"] == summary["generation"]
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "## Release" in text and "| release v2 |" in text and "## Generation" in text
+    assert "Gate: the hub's evaluation worker" in text
 
 
 def test_the_simulate_command_parses_flags_over_the_yaml(tmp_path: Path) -> None:

@@ -128,8 +128,9 @@ def load_held_out(folder: Path, max_lines: int, max_pairs: int) -> HeldOut:
     mono = folder / "mono"
     if not mono.is_dir():
         raise UserError(f"the evaluation data {folder} has no mono/ folder of <lang>.txt files")
-    # also the `data/` layout (mono/<lang>.valid.txt, parallel/en-<lang>.test.tsv) used by releases
-    split = "train" if any(p.name.count(".") == 1 for p in mono.glob("*.txt")) else "valid"
+    # In the `data/` layout (mono/<lang>.valid.txt beside the training <lang>.txt) only the held-out
+    # split may be read; a server-only folder of plain <lang>.txt files is held out as a whole.
+    split = "valid" if any(mono.glob("*.valid.txt")) else "train"
     text = {code: lines[:max_lines] for code, lines in load_mono(mono, split=split).items()}
     pairs: dict[str, list[Pair]] = {}
     for folder_name, suffix in (("parallel", ".test.tsv"), ("pairs", ".tsv")):  # pairs/ wins

@@ -46,6 +46,22 @@ def _accepted_heads(
     return heads, skipped
 
 
+def _credits(client: HubClient, heads: list[dict[str, Any]], base: str) -> list[str]:
+    """Everyone whose accepted version on `base` went into a merged head — in a relay that is every
+    donor since the last release, not only the one who pushed the head."""
+    names = set()
+    for head in heads:
+        newest = int(head["tag"][1:])
+        for version in client.log(head["repo"]):
+            if (
+                version["status"] == "accepted"
+                and version["base"] == base
+                and int(version["tag"][1:]) <= newest
+            ):
+                names.add(version["contributor"])
+    return sorted(names)
+
+
 def _score(model_dir: Path, eval_data: Path | None, out: Path) -> dict[str, Any] | None:
     if eval_data is None:
         return None
@@ -130,7 +146,7 @@ def release(
     merge(base_dir, adapter_dirs, method, merged, density=density if uses_density else None, seed=seed)
     before = _score(base_dir, eval_data, workdir / "eval-before")
     after = _score(merged, eval_data, workdir / "eval-after")
-    credits = sorted({head["contributor"] for head in heads})
+    credits = _credits(client, heads, f"{base_repo}@{current['tag']}")
     lines = [
         f"Base release after `{base_repo}@{current['tag']}`, merging {len(heads)} accepted adapter(s) "
         f"with `{method}`" + (f" (density {density})." if uses_density else "."),

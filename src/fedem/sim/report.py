@@ -70,6 +70,8 @@ def columns(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     policy = report["policy"]["name"]
     for entry in report.get("rounds", []):
         cols[f"{policy} r{entry['round']}"] = entry["metrics"]
+    if report.get("release", {}).get("metrics"):
+        cols["release v2"] = report["release"]["metrics"]
     return cols
 
 
@@ -134,6 +136,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"union of all shards for {cfg['clients'] * cfg['steps_per_client'] * cfg['rounds']} steps, the "
         "federation's total. All start from the same initial adapter and hold out the same rows.",
         "",
+        gate_line(cfg),
+        "",
     ]
     found = gaps(report)
     if found:
@@ -166,6 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{entry['seconds']} |"
             )
         lines.append("")
+    lines += release_lines(report) + generation_lines(report)
     if report.get("shards"):
         lines += ["## Shards", "", "| client | language | pairs of the source | size |", "|---|---|---|---|"]
         for shard in report["shards"]:
@@ -187,6 +192,55 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gate_line(cfg: dict[str, Any]) -> str:
+    """Who decided the pushed versions: the report is only as blind as its gate."""
+    if cfg.get("gate") == "hub":
+        return (
+            f"Gate: the hub's evaluation worker decided every donor version blind (δ = "
+            f"{cfg['accept_delta']}, ε = {cfg['accept_epsilon']}); a rejected version never became the "
+            "head, so the next donor continued from the last accepted one."
+        )
+    return "Gate: none — the simulator accepted every donor version itself (`gate: accept`)."
+
+
+def release_lines(report: dict[str, Any]) -> list[str]:
+    """The release section: what was merged into v2, who is credited, and v1 against v2."""
+    rel = report.get("release")
+    if not rel:
+        return []
+    if not rel.get("release"):
+        return ["## Release", "", f"No release: {rel.get('reason', 'nothing to merge')}.", ""]
+    lines = ["## Release", "", f"`{rel['release']}`: `{rel['method']}` merge of "]
+    lines[-1] += ", ".join(f"`{m}`" for m in rel["merged"]) + f"; credits: {', '.join(rel['credits'])}."
+    if rel.get("skipped"):
+        lines.append(f"Skipped (pinned to another release): {', '.join(rel['skipped'])}.")
+    lines += [f"Model card: `{rel.get('card')}`.", ""]
+    v1, v2 = rel.get("v1_metrics", {}), rel.get("metrics", {})
+    if v2:
+        lines += ["| metric | v1 | v2 |", "|---|---|---|"]
+        for metric in metric_order(list(v2)):
+            lines.append(f"| {metric} | {_fmt(metric, v1.get(metric))} | {_fmt(metric, v2[metric])} |")
+        lines.append("")
+    return lines
+
+
+def generation_lines(report: dict[str, Any]) -> list[str]:
+    gen = report.get("generation")
+    if not gen:
+        return []
+    settings = f"greedy, repetition penalty {gen['repetition_penalty']}, ≤ {gen['max_new_tokens']} tokens"
+    return [
+        "## Generation",
+        "",
+        f"`{gen['model']}` ({settings}):",
+        "",
+        "```",
+        gen["prompt"] + gen["text"],
+        "```",
+        "",
+    ]
+
+
 PLOTS = ("bpb.png", "chrf.png")
 
 
@@ -203,8 +257,14 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         "base": baselines.get("base", {}).get("metrics", {}),
         "alone": alone_metrics(report),
         "centralised": baselines.get("centralised", {}).get("metrics", {}),
+        "release v2": report.get("release", {}).get("metrics", {}),
     }
-    styles = {"base": ("grey", ":"), "alone": ("tab:orange", "--"), "centralised": ("tab:green", "--")}
+    styles = {
+        "base": ("grey", ":"),
+        "alone": ("tab:orange", "--"),
+        "centralised": ("tab:green", "--"),
+        "release v2": ("tab:purple", "-."),
+    }
     written = []
     for name, prefix, label in (("bpb.png", "bpb/", "bits per byte"), ("chrf.png", "chrf/", "chrF")):
         every = [m for entry in rounds for m in entry["metrics"]] + [m for r in reference.values() for m in r]
@@ -254,5 +314,7 @@ def write_report(out: Path, report: dict[str, Any]) -> dict[str, Any]:
         "head": rounds[-1]["head"] if rounds else None,
         "final": rounds[-1]["metrics"] if rounds else {},
         "gaps": [g["text"] for g in full["gaps"]],
+        "release": report.get("release", {}).get("release"),
+        "generation": report.get("generation", {}).get("text"),
         "elapsed_s": report.get("elapsed_s"),
     }

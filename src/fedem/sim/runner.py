@@ -14,14 +14,19 @@
    and runs the donors at once from it. The simulator pulls every pushed version, loads it as
    `AdapterWeights`, calls `policy.aggregate`, writes the aggregate as a peft adapter folder and
    pushes it to `sim/community` as the maintainer (with a lease);
-4. decides every pending version through the maintainer decision endpoint (the hub's evaluation
-   queue): donors' versions are accepted (the next relay donor must start from them); an aggregate is
-   accepted if `policy.accept(candidate, head)` says so — every decision is recorded in the report;
+4. decides every pending version: with `gate: accept`, through the maintainer decision endpoint —
+   donors' versions are accepted (the next relay donor must start from them), an aggregate if
+   `policy.accept(candidate, head)` says so; with `gate: hub`, the hub's own evaluation worker
+   screens, scores and decides each version with its δ/ε gate and the simulator waits for it (a
+   rejected version never becomes the head: the next donor continues from the last accepted one).
+   Every decision and its reason is recorded in the report;
 5. evaluates each head on held-out text (bpb per language) and FLORES pairs (chrF per direction),
    and the baselines: the base, each donor alone (its shard, steps_per_client × rounds steps) and
    centralised LoRA on the union of the shards (clients × steps_per_client × rounds steps), all from
    the same initial adapter, with the same training settings and the same held-out rows;
-6. writes `report.json`, `report.md` and plots (`fedem.sim.report`) after every round.
+6. optionally (`release`) merges the accepted heads into base release v2 with
+   `fedem.hub.release.release`, scores v2 like the heads, and (`prompt`) generates with it;
+7. writes `report.json`, `report.md` and plots (`fedem.sim.report`) after every round.
 """
 
 import json
@@ -212,11 +217,11 @@ def decide(client: HubClient, revision: dict[str, Any], accept: bool, reason: st
     return {**record, "decision": decision, "reason": reason}
 
 
-def hub_settings(cfg: SimulateConfig, staged: Path) -> dict[str, Any]:
+def hub_settings(cfg: SimulateConfig, staged: Path | None) -> dict[str, Any]:
     """The embedded hub's extra `HubSettings`: none with gate "accept"; with gate "hub", the evaluation
     worker on `staged` data, the sim's δ/ε gate and the sim's eval limits (so the worker's and the
     report's numbers are measured alike)."""
-    if cfg.gate != "hub":
+    if cfg.gate != "hub" or staged is None:
         return {}
     return {
         "eval_worker": True,
@@ -397,7 +402,9 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def score(cfg: SimulateConfig, adapter: Path | None, out: Path, model: Path | None = None) -> dict[str, float]:
+def score(
+    cfg: SimulateConfig, adapter: Path | None, out: Path, model: Path | None = None
+) -> dict[str, float]:
     """Held-out bpb per language and chrF per direction of the base, or `model` (+ `adapter`)."""
     from fedem.evaluate import evaluate
 
@@ -567,7 +574,7 @@ class Simulation:
         cfg = self.cfg
         if not (cfg.base / "config.json").is_file():
             raise UserError(f"{cfg.base} is not a checkpoint folder (config.json missing)")
-        started = time.monotonic()
+        self.started = time.monotonic()
         self.out.mkdir(parents=True, exist_ok=True)
         languages = [cfg.client_language(i) for i in range(cfg.clients)]
         shards = write_shards(
@@ -575,6 +582,10 @@ class Simulation:
         )
         self.report["shards"] = [s.as_dict() for s in shards]
         self.shards = {s.client: s for s in shards}
+        # the hub's worker and the release are scored on the eval languages' held-out files only
+        self.eval_data: Path | None = None
+        if cfg.gate == "hub" or cfg.release:
+            self.eval_data = stage_eval_data(cfg.eval_data, cfg.eval_languages, self.out / "hub-eval-data")
         base_sha256 = weights_fingerprint(cfg.base)
         init = initial_adapter(cfg, shards[0], self.out / "adapters" / "init", base_sha256)
         publish_adapter_config(init, self.base_ref)
@@ -582,14 +593,31 @@ class Simulation:
         if "base" in cfg.baselines:
             base_metrics = score(cfg, None, self.out / "eval" / "base")
             self.report["baselines"]["base"] = {"metrics": base_metrics, "steps": 0}
-        with embedded_hub(self.out / "hub", self.clients, self.out / "logs" / "hub.log") as hub:
-            self.report["hub"] = hub.url
+        self.federate(init, base_metrics, base_sha256)
+        self.run_baselines(shards, init)
+        self.report["elapsed_s"] = round_s(time.monotonic() - self.started)
+        return self.write()
+
+    def federate(self, init: Path, base_metrics: dict[str, float], base_sha256: str) -> None:
+        """The hub's part: rounds, then (if asked) release v2 and generation, while the hub is up."""
+        cfg = self.cfg
+        extra = hub_settings(cfg, self.eval_data)
+        with embedded_hub(self.out / "hub", self.clients, self.out / "logs" / "hub.log", extra) as hub:
+            self.report["hub"] = {"url": hub.url, "gate": cfg.gate, **extra}
             with HubClient(hub.url, hub.tokens[MAINTAINER]) as client:
                 head = self.set_up_hub(client, init, base_metrics)
                 for round in range(cfg.rounds):
                     head = self.run_round(round, hub, client, head, base_sha256)
-                    self.report["elapsed_s"] = round_s(time.monotonic() - started)
+                    self.report["elapsed_s"] = round_s(time.monotonic() - self.started)
                     self.write()
+                v2 = self.publish_release(client, base_metrics) if cfg.release else None
+                if cfg.prompt is not None:
+                    self.generate_text(v2, head)
+                self.write()
+
+    def run_baselines(self, shards: list[Shard], init: Path) -> None:
+        """Each donor alone and centralised training, from the same initial adapter (see `simulate`)."""
+        cfg = self.cfg
         if "alone" in cfg.baselines:
             alone = {}
             for shard in shards:
@@ -608,8 +636,6 @@ class Simulation:
                 "train_examples": trained["train_examples"],
                 "metrics": metrics,
             }
-        self.report["elapsed_s"] = round_s(time.monotonic() - started)
-        return self.write()
 
     def set_up_hub(self, client: HubClient, init: Path, base_metrics: dict[str, float]) -> Head:
         """Repos, the base release and the initial head; returns the head."""
@@ -635,7 +661,7 @@ class Simulation:
         return dest
 
     def settle(
-        self, client: HubClient, revision: dict[str, Any], accept: bool, reason: str, **where: Any
+        self, client: HubClient, revision: dict[str, Any], accept: bool, reason: str, where: dict[str, Any]
     ) -> dict[str, Any]:
         """Decide a pushed version and record it: with gate "hub" the hub's worker decides (the
         simulator waits for it); otherwise the simulator decides `accept` itself, with `reason`."""
@@ -663,7 +689,7 @@ class Simulation:
         a rejected version never becomes the head, so it is no update to aggregate."""
         revision = client.revision(done.repo, done.result["version"])
         reason = f"simulation round {round}: donor version"
-        decision = self.settle(client, revision, True, reason, round=round, client=done.client)
+        decision = self.settle(client, revision, True, reason, {"round": round, "client": done.client})
         metrics = done.result.get("metrics", {})
         turns.append(
             {
@@ -741,7 +767,10 @@ class Simulation:
         if plan.sequential:
             updates, last_folder = self.relay_turns(round, hub, client, head, plan.tasks, turns)
         else:
-            updates, last_folder = self.parallel_turns(round, hub, client, head, plan.tasks, turns), head.folder
+            updates, last_folder = (
+                self.parallel_turns(round, hub, client, head, plan.tasks, turns),
+                head.folder,
+            )
         if not updates:
             note = "no version was accepted: the head stays"
             entry.update(contributors=[], weights={}, note=note, projection_error=None, decision="none")
@@ -757,12 +786,18 @@ class Simulation:
             )
             if plan.sequential and aggregate.adapter is updates[-1].result:
                 # the relay's head is the last accepted donor version, the hub's head already
-                ref = AdapterRef(HEAD_REPO, version_of(str(next(t for t in reversed(turns) if t["decision"] == "accepted")["version"])))
+                last = [t for t in turns if t["decision"] == "accepted"][-1]
+                ref = AdapterRef(HEAD_REPO, version_of(str(last["version"])))
                 metrics = score(self.cfg, last_folder, self.out / "eval" / f"round-{round:02d}")
                 new = Head(ref, last_folder, aggregate.adapter, metrics)
                 entry.update(head=f"{HEAD_REPO}@v{ref.version}", decision="accepted", metrics=metrics)
             else:
                 new = self.push_aggregate(round, client, head, aggregate, base_sha256, entry)
+        refused = [
+            f"{t['client']} ({t['version']}: {t['decision']})" for t in turns if t["decision"] != "accepted"
+        ]
+        if refused:  # the round's story includes the versions the gate kept out
+            entry["note"] = f"{entry['note']}; not accepted: {', '.join(refused)}"
         entry["seconds"] = round_s(time.monotonic() - began)
         self.report["rounds"].append(entry)
         log.info("round %d: head %s, %s", round, entry["head"], entry["note"])
@@ -789,7 +824,7 @@ class Simulation:
         revision = push_adapter(client, HEAD_REPO, target, self.base_ref, note, pushed_metrics)
         accept = self.policy.accept(metrics, head.metrics)
         reason = f"policy {cfg.policy}.accept: {'yes' if accept else 'no'} (candidate vs head metrics)"
-        decision = self.settle(client, revision, accept, reason, round=round, client=None)
+        decision = self.settle(client, revision, accept, reason, {"round": round, "client": None})
         new = head
         if decision["decision"] == "accepted":
             new = Head(AdapterRef(HEAD_REPO, version_of(revision["tag"])), target, aggregate.adapter, metrics)
@@ -809,7 +844,9 @@ class Simulation:
 
         cfg, workdir = self.cfg, self.out / "release"
         assert cfg.release is not None
-        result = release(client, BASE_REPO, workdir, cfg.release, cfg.release_density, self.eval_data, cfg.seed)
+        result = release(
+            client, BASE_REPO, workdir, cfg.release, cfg.release_density, self.eval_data, cfg.seed
+        )
         entry: dict[str, Any] = {"method": cfg.release, "density": cfg.release_density, **result}
         self.report["release"] = entry
         if not result.get("release"):
@@ -830,8 +867,18 @@ class Simulation:
         model, tokenizer = load_for_inference(model_dir or cfg.base, adapter)
         decoding = decoding_config(max_new_tokens=32, repetition_penalty=1.3)
         text = generate(model, tokenizer, cfg.prompt, decoding)
-        label = self.report.get("release", {}).get("release") if model_dir else f"base + {HEAD_REPO}@v{head.ref.version}"
-        self.report["generation"] = {"model": label, "prompt": cfg.prompt, "text": text, "max_new_tokens": 32, "repetition_penalty": 1.3}
+        label = (
+            self.report.get("release", {}).get("release")
+            if model_dir
+            else f"base + {HEAD_REPO}@v{head.ref.version}"
+        )
+        self.report["generation"] = {
+            "model": label,
+            "prompt": cfg.prompt,
+            "text": text,
+            "max_new_tokens": 32,
+            "repetition_penalty": 1.3,
+        }
 
 
 def round_s(seconds: float) -> float:
