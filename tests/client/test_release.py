@@ -14,7 +14,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from fedem.errors import UserError
 from fedem.evaluate import evaluate
+from fedem.hub.cli import parse_every
 from fedem.hub.release import continue_pretraining, release
 from fedem.provenance import weights_fingerprint, write_provenance
 from tests.client.conftest import ADAPTER, BASE, DonorHub
@@ -127,3 +129,14 @@ def test_continued_pretraining_publishes_the_next_release(
     assert summary["release"] == f"{BASE}@v2" and summary["steps"] == 2
     assert {"model.safetensors", "config.json", "README.md", "tokenizer.json"} <= files
     assert not any(path.startswith("checkpoint-") for path in files)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("30m", 1800), ("6h", 21600), ("1d", 86400), ("90", 90)])
+def test_every_takes_durations(text: str, seconds: float) -> None:
+    assert parse_every(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-1h", "0d"])
+def test_every_refuses_nonsense(text: str) -> None:
+    with pytest.raises(UserError, match="--every"):
+        parse_every(text)

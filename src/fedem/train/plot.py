@@ -25,7 +25,8 @@ def plot_metrics(out: Path, filename: str = "metrics.png") -> Path | None:
         if points:
             loss_axis.plot(*zip(*points, strict=True), label=label)
     loss_axis.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
-    loss_axis.legend()
+    if loss_axis.lines:  # a run shorter than its logging interval has nothing to label
+        loss_axis.legend()
     if languages:
         bpb_axis = axes[0][1]
         for lang in languages:
