@@ -8,9 +8,10 @@ import pytest
 
 from fedem.config import validate
 from fedem.errors import UserError
+from fedem.sim.adapters import load_weights, save_weights
 from fedem.sim.config import SimulateConfig
 from fedem.sim.report import gap_line, gaps, markdown, write_report
-from fedem.sim.runner import load_weights, save_weights, simulate
+from fedem.sim.runner import simulate
 from fedem.sim.shards import plan_shards, write_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -154,7 +155,7 @@ def test_markdown_tables_rounds_against_every_baseline(tmp_path: Path) -> None:
 def test_adapter_weights_round_trip_through_a_peft_folder(tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch
 
-    from fedem.sim.runner import initial_adapter
+    from fedem.sim.baselines import initial_adapter
     from fedem.sim.shards import Shard
 
     cfg = tiny_config(tiny_model_dir, tmp_path / "out")
