@@ -17,7 +17,9 @@ from typing import Any
 from fedem import __version__
 from fedem.client.cli import add_client_parser
 from fedem.errors import UserError
+from fedem.estimate import add_estimate_parser
 from fedem.hub.cli import add_hub_parser
+from fedem.serve import add_serve_parser
 from fedem.sim.cli import add_simulate_parser
 
 log = logging.getLogger("fedem")
@@ -283,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_hub_parser(commands)
     add_client_parser(commands)
     add_simulate_parser(commands)
+    add_serve_parser(commands)
+    add_estimate_parser(commands)
     return parser
 
 
