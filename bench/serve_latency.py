@@ -1,6 +1,6 @@
 """Latency of `fedem serve`: time to first token and tokens/s, 1 and 8 concurrent streams.
 
-The server (`python -m fedem.serve`, the same code as `fedem serve`) runs in its own process on
+The server (`python -m fedem.cli serve`, i.e. `fedem serve`) runs in its own process on
 127.0.0.1; this process is the client, streaming `/v1/completions` over httpx (server-sent events).
 Every request asks for exactly `--max-tokens` tokens the same way (sampling, temperature 1, a fixed
 seed per stream); a stream that ends early on the end-of-sequence token is counted with the tokens it
@@ -72,7 +72,7 @@ def machine_info() -> dict[str, Any]:
 
 
 class Server:
-    """`python -m fedem.serve` in a child process, its log in a file."""
+    """`fedem serve` in a child process, its log in a file."""
 
     def __init__(self, model: Path, log_path: Path) -> None:
         with socket.socket() as probe:
@@ -81,7 +81,7 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self.log = log_path.open("wb")
-        command = [sys.executable, "-m", "fedem.serve", "--model", str(model), "--port", str(port)]
+        command = [sys.executable, "-m", "fedem.cli", "serve", "--model", str(model), "--port", str(port)]
         command += ["--name", "bench"]
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + 180

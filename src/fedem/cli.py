@@ -19,7 +19,6 @@ from fedem.client.cli import add_client_parser
 from fedem.errors import UserError
 from fedem.estimate import add_estimate_parser
 from fedem.hub.cli import add_hub_parser
-from fedem.serve import add_serve_parser
 from fedem.sim.cli import add_simulate_parser
 
 log = logging.getLogger("fedem")
@@ -170,6 +169,20 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     return {"prompt": args.prompt, "completion": text, "decoding": cfg.model_dump()}
 
 
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    import uvicorn
+
+    from fedem.serve import create_serve_app
+
+    app = create_serve_app(
+        args.model, args.adapter, model_name=args.name, max_context=args.max_context, max_queue=args.max_queue
+    )
+    name = app.state.served.name
+    log.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
+    return {"status": "stopped", "model": name}
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 
@@ -282,10 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(gen)
     gen.set_defaults(handler=cmd_generate, show_summary=False)  # the text was already streamed
 
+    srv = commands.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    srv.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    srv.add_argument("--adapter", type=Path, help="LoRA adapter folder, merged into the model")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--name", help="model id clients use (default: the checkpoint folder's name)")
+    srv.add_argument("--max-context", type=int, default=2048, help="prompt + max_tokens limit, in tokens")
+    srv.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond this get a 429")
+    _add_common(srv)
+    srv.set_defaults(handler=cmd_serve, show_summary=False)  # it runs until stopped
+
     add_hub_parser(commands)
     add_client_parser(commands)
     add_simulate_parser(commands)
-    add_serve_parser(commands)
     add_estimate_parser(commands)
     return parser
 

@@ -59,7 +59,7 @@ from fedem import __version__
 from fedem.generate import DecodingConfig, generation_config
 
 if TYPE_CHECKING:
-    import argparse
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -623,50 +623,3 @@ async def _stream(
         yield "data: [DONE]\n\n"
     finally:
         job.cancel.set()  # the client left (or we are done): stop generating for it
-
-
-# --- command line ---------------------------------------------------------------------------------
-
-
-def cmd_serve(args: "argparse.Namespace") -> dict[str, Any]:
-    import uvicorn
-
-    app = create_serve_app(
-        args.model, args.adapter, model_name=args.name, max_context=args.max_context, max_queue=args.max_queue
-    )
-    name = app.state.served.name
-    log.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
-    return {"status": "stopped", "model": name}
-
-
-def add_serve_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from fedem.cli import _add_common
-
-    serve = commands.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
-    serve.add_argument("--model", type=Path, required=True, help="checkpoint folder")
-    serve.add_argument("--adapter", type=Path, help="LoRA adapter folder, merged into the model")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--name", help="model id clients use (default: the checkpoint folder's name)")
-    serve.add_argument("--max-context", type=int, default=2048, help="prompt + max_tokens limit, in tokens")
-    serve.add_argument("--max-queue", type=int, default=32, help="requests waiting beyond this get a 429")
-    _add_common(serve)
-    serve.set_defaults(handler=cmd_serve, show_summary=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fedem.serve --model DIR …`: the same as `fedem serve` (used by bench/serve_latency.py)."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="fedem")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
-    args.handler(args)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -37,7 +37,6 @@ def cmd_simulate(args: argparse.Namespace) -> dict[str, Any]:
 def add_simulate_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register `fedem simulate` on the main parser's subcommands."""
     from fedem.cli import _add_common  # here, not at the top: fedem.cli imports this module
-    from fedem.policy import POLICIES
 
     sim = commands.add_parser(
         "simulate",
@@ -49,7 +48,9 @@ def add_simulate_parser(commands: "argparse._SubParsersAction[argparse.ArgumentP
     )
     sim.add_argument("--base", type=Path, help="base checkpoint folder")
     sim.add_argument("--clients", type=int, help="number of simulated donors")
-    sim.add_argument("--policy", choices=list(POLICIES), help="federation policy")
+    # no `choices=`: listing POLICIES would import torch for every `fedem` command; the config's
+    # validation refuses an unknown policy with the list of known ones
+    sim.add_argument("--policy", help="federation policy: relay, parallel-merge or fedavg (docs/policies.md)")
     sim.add_argument("--rounds", type=int)
     sim.add_argument("--steps-per-client", type=int, help="optimizer steps per donor per round")
     sim.add_argument("--out", type=Path, help="a fresh folder for the hub, runs and the report")
