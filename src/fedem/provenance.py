@@ -5,6 +5,7 @@ config, the fedem version, and — for adapters and merged models — the sha256
 weights, so that `fedem merge` and the hub can refuse an adapter trained on another base.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -49,12 +50,22 @@ def read_provenance(folder: Path) -> dict[str, Any]:
 
 
 def weights_fingerprint(model_dir: Path) -> str:
-    """sha256 over the model's safetensors files (sorted by name): the identity of a base model."""
-    digest = hashlib.sha256()
+    """sha256 over the model's safetensors files (sorted by name): the identity of a base model.
+
+    Merging n adapters, fine-tuning with `--init` or screening a submission each ask for the same
+    base's fingerprint several times; the hash is computed once per unchanged set of files (same
+    paths, sizes and modification times — an atomic rewrite changes them)."""
     files = sorted(model_dir.glob("*.safetensors"))
-    for file in files:
-        digest.update(file.name.encode())
-        with file.open("rb") as handle:
+    signature = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _hash_files(signature)
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(signature: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for path, _size, _mtime in signature:
+        digest.update(Path(path).name.encode())
+        with open(path, "rb") as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()
