@@ -3,12 +3,10 @@ centralised on the union) and the held-out scores every head and baseline gets.
 """
 
 import logging
-import random
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fedem.provenance import weights_fingerprint, write_provenance
+from fedem.provenance import write_provenance
 from fedem.sim.config import SimulateConfig
 from fedem.sim.shards import Shard
 
@@ -74,49 +72,14 @@ def train_alone(cfg: SimulateConfig, shard: Shard, init: Path, out: Path) -> dic
 
 
 def train_centralised(cfg: SimulateConfig, shards: list[Shard], init: Path, out: Path) -> dict[str, Any]:
-    """Baseline (c): one LoRA on the union of the shards' training rows, clients × steps_per_client ×
-    rounds steps. Each shard is split exactly as its donor splits it, so the union holds precisely the
-    rows the donors train on, and none they hold out. (`FinetuneConfig` takes one pairs file, and a
-    union of languages is not one `en-<lang>.tsv`, so this assembles `finetune`'s steps itself.)"""
-    import torch
-
-    from fedem.config import to_plain
-    from fedem.data.packing import Examples, pad_batch
-    from fedem.model.load import load_tokenizer
-    from fedem.train.finetune import adapter_model, response_bits_per_byte, split_rows, translation_rows
-    from fedem.train.trainer import run_training
+    """Baseline (c): one LoRA on the union of the shards, clients × steps_per_client × rounds steps.
+    `finetune` splits each shard's file on its own, exactly as its donor does, so the union holds
+    precisely the rows the donors train on, and none they hold out."""
+    from fedem.train.finetune import finetune
 
     steps = cfg.clients * cfg.steps_per_client * cfg.rounds
-    configs = [finetune_config(cfg, shard, init, steps, out) for shard in shards]
-    tokenizer = load_tokenizer(cfg.base)
-    train_rows: list[tuple[list[int], list[int]]] = []
-    eval_rows: list[tuple[list[int], list[int]]] = []
-    for ft in configs:
-        train_set, eval_set = split_rows(translation_rows(ft, tokenizer), ft.eval_size, ft.train.seed)
-        train_rows += train_set.rows
-        eval_rows += eval_set.rows if eval_set is not None else []
-    random.Random(cfg.seed).shuffle(train_rows)
-    ft = configs[0]
-    torch.manual_seed(ft.train.seed)
-    model = adapter_model(ft)
-    provenance = {**to_plain(ft), "pairs": [str(s.path) for s in shards]}
-    write_provenance(out, "simulate-centralised", provenance, base_sha256=weights_fingerprint(cfg.base))
-    train_set, eval_set = Examples(train_rows), Examples(eval_rows)
-    trainer = run_training(
-        model,
-        tokenizer,
-        train_set,
-        eval_set,
-        ft.train,
-        out,
-        collator=partial(pad_batch, pad_id=tokenizer.pad_token_id),
-    )
-    return {
-        "out": str(out),
-        "steps": trainer.state.global_step,
-        "train_examples": len(train_set),
-        "metrics": {"eval_bpb": response_bits_per_byte(model, tokenizer, eval_set, ft.train.batch_size)},
-    }
+    union = {"pairs": [shard.path for shard in shards], "lang": None}  # each file is named en-<lang>.tsv
+    return finetune(finetune_config(cfg, shards[0], init, steps, out).model_copy(update=union))
 
 
 def initial_adapter(cfg: SimulateConfig, shard: Shard, out: Path, base_sha256: str) -> Path:

@@ -93,7 +93,9 @@ class FinetuneConfig(Strict):
 
     base: Path
     task: Literal["translate", "lm"] = "translate"
-    pairs: Path | None = None
+    pairs: Path | list[Path] | None = Field(
+        default=None, description="en-<lang>.tsv file(s); each file's own eval_size rows are held out"
+    )
     data: Path | None = None
     direction: Direction = "en-xx"
     lang: str | None = Field(

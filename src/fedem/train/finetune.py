@@ -17,6 +17,7 @@ import math
 import random
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -38,12 +39,13 @@ log = logging.getLogger(__name__)
 
 
 def translation_rows(
-    cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
+    cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase, path: Path | None = None
 ) -> list[tuple[list[int], list[int]]]:
-    """Prompt/response rows from the pairs file; the loss is on the response (and its EOS) only."""
-    assert cfg.pairs is not None
+    """Prompt/response rows from a pairs file (`path`, else the config's only one); the loss is on the
+    response (and its EOS) only."""
+    path = path or pairs_files(cfg)[0]
     rows = []
-    for pair in read_pairs(cfg.pairs, cfg.lang):
+    for pair in read_pairs(path, cfg.lang):
         for prompt, response in translation_examples(pair, cfg.direction):
             prompt_ids = tokenizer(prompt)["input_ids"]  # starts with BOS
             response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [
@@ -62,6 +64,29 @@ def text_rows(cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase) -> list[t
         full = (ids + [tokenizer.eos_token_id])[: cfg.max_length]
         rows.append((full, list(full)))
     return rows
+
+
+def pairs_files(cfg: FinetuneConfig) -> list[Path]:
+    assert cfg.pairs is not None
+    return cfg.pairs if isinstance(cfg.pairs, list) else [cfg.pairs]
+
+
+def training_split(
+    cfg: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Examples, Examples | None]:
+    """Training and held-out rows. Each pairs file is split on its own, so fine-tuning on several
+    donors' files trains on exactly the rows each donor trains on and holds out what each holds out
+    (the simulator's centralised baseline relies on this)."""
+    seed = cfg.train.seed
+    if cfg.task == "lm":
+        return split_rows(text_rows(cfg, tokenizer), cfg.eval_size, seed)
+    parts = [
+        split_rows(translation_rows(cfg, tokenizer, path), cfg.eval_size, seed) for path in pairs_files(cfg)
+    ]
+    held_out = [row for _, evaluation in parts if evaluation is not None for row in evaluation.rows]
+    return Examples([row for train, _ in parts for row in train.rows]), Examples(
+        held_out
+    ) if held_out else None
 
 
 def split_rows(
@@ -125,9 +150,6 @@ def adapter_model(cfg: FinetuneConfig) -> PeftModel:
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(base, lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable == 0:
-        raise RuntimeError("the adapter has no trainable parameters")
     return model
 
 
@@ -136,11 +158,12 @@ def finetune(
 ) -> dict[str, Any]:
     """Train a LoRA adapter as `cfg` describes; returns a JSON-able summary."""
     tokenizer = load_tokenizer(cfg.base)
-    rows = translation_rows(cfg, tokenizer) if cfg.task == "translate" else text_rows(cfg, tokenizer)
-    train_set, eval_set = split_rows(rows, cfg.eval_size, cfg.train.seed)
+    train_set, eval_set = training_split(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)
     model = adapter_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:  # a relayed adapter loaded frozen would silently train nothing
+        raise RuntimeError("the adapter has no trainable parameters")
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
     base_sha256 = weights_fingerprint(cfg.base)
