@@ -24,6 +24,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedem.data.corpus import Pair, load_mono, read_pairs, test_pairs_path
+from fedem.data.packing import IGNORE_INDEX, pad_batch
 from fedem.data.prompts import translation_prompt
 from fedem.errors import UserError
 from fedem.generate import generate_ids, load_for_inference
@@ -50,6 +51,20 @@ class TextScore:
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll / self.tokens)
+
+
+def batch_nll(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device
+) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of a padded batch's labelled tokens, and their count.
+
+    `batch` is `pad_batch`'s output: each position predicts the next token; labels of -100 (padding,
+    prompts) are skipped."""
+    batch = {key: value.to(device) for key, value in batch.items()}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    targets = batch["labels"][:, 1:]  # (batch, width - 1)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll.item(), int((targets != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -81,19 +96,13 @@ def score_lines(
     nll = 0.0
     tokens = 0
     for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        width = max(map(len, batch))
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, row in enumerate(batch):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (batch, width, vocab)
-        targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
-        nll += losses.item()
-        tokens += int((targets != -100).sum())
+        features = [
+            {"input_ids": torch.tensor(r), "labels": torch.tensor(r)}
+            for r in rows[start : start + batch_size]
+        ]
+        batch_sum, batch_tokens = batch_nll(model, pad_batch(features, tokenizer.pad_token_id), device)
+        nll += batch_sum
+        tokens += batch_tokens
     model.train(was_training)
     return TextScore(nll=nll, tokens=tokens, bytes=byte_count)
 

@@ -29,6 +29,7 @@ from fedem.data.corpus import load_mono, read_pairs
 from fedem.data.packing import IGNORE_INDEX, Examples, pad_batch, prompt_response
 from fedem.data.prompts import translation_examples
 from fedem.errors import UserError
+from fedem.evaluate import batch_nll
 from fedem.model.load import load_adapter, load_model, load_tokenizer
 from fedem.provenance import read_provenance, weights_fingerprint, write_provenance
 from fedem.train.config import FinetuneConfig
@@ -118,13 +119,7 @@ def response_bits_per_byte(
     nll, byte_count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
-        batch = pad_batch(rows, tokenizer.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
-        nll += torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
+        nll += batch_nll(model, pad_batch(rows, tokenizer.pad_token_id), device)[0]
     for _, labels in examples.rows:
         learned = [t for t in labels[1:] if t != IGNORE_INDEX]
         byte_count += len(cast(str, tokenizer.decode(learned, skip_special_tokens=True)).encode("utf-8"))
