@@ -7,7 +7,7 @@ FEDEM := $(VENV)/bin/fedem
 STAMP := $(VENV)/.installed-stamp
 DEMO := runs/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-postgres lint bench screenshots clean
 
 # torch first: on a CPU-only machine `torch==2.13.0` is the CPU wheel on local disk, while an
 # unpinned torch would pull a multi-GB CUDA build. With a GPU, the default (CUDA) build is wanted.
@@ -16,13 +16,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,postgres]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: install
 	$(VENV)/bin/pytest -q -m "not gpu"
+	$(MAKE) test-postgres
+
+# The hub's tests again on a throwaway PostgreSQL with 4 hub workers (installs Debian's postgresql
+# when missing and root; says SKIPPED where it cannot be had): docs/reliability.md.
+test-postgres: install
+	.ci/test-postgres
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
@@ -44,6 +50,10 @@ demo: install
 
 bench: install
 	$(PY) bench/train_throughput.py --out bench/results
+
+# The dashboard's screenshots in docs/dashboard/, taken by its browser test (needs Debian's chromium).
+screenshots: install
+	FEDEM_SCREENSHOTS=docs/dashboard $(VENV)/bin/pytest -q tests/hub/test_dashboard.py -k chromium
 
 clean:
 	rm -rf runs $(VENV)

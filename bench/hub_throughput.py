@@ -118,7 +118,7 @@ def machine_info(tmp: Path) -> dict[str, Any]:
 class Server:
     """`fedem hub serve` in a child process; its first-start admin token is read from its stdout."""
 
-    def __init__(self, root: Path, log_path: Path, max_file_bytes: int) -> None:
+    def __init__(self, root: Path, log_path: Path, max_file_bytes: int, *options: str) -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
@@ -135,7 +135,7 @@ class Server:
             "--port",
             str(port),
         ]
-        command += ["--max-file-bytes", str(max_file_bytes)]
+        command += ["--max-file-bytes", str(max_file_bytes), *options]  # options: more `serve` flags
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
         assert self.proc.stdout is not None

@@ -1,5 +1,7 @@
 """`fedem merge`: each method matches its formula, merged checkpoints behave like the adapters, refusals."""
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from fedem.cli import main
 from fedem.errors import UserError
 from fedem.merge import combine, delta_weights, merge
 from fedem.provenance import read_provenance, weights_fingerprint, write_provenance
@@ -313,3 +316,127 @@ def test_refuses_non_empty_out_and_leaves_nothing_behind_on_failure(
         merge(tiny_model_dir, adapters[:1], "linear", tmp_path / "crashed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["occupied"]
     assert (occupied / "keep.txt").read_text() == "mine"
+
+
+# --- robust aggregation: median, trimmed mean, norm clipping -------------------------------------------
+
+
+def test_median_and_trimmed_mean_are_per_entry_order_statistics() -> None:
+    # Prepare: five "adapters" of one 2×3 parameter
+    deltas = [torch.randn(2, 3, generator=torch.Generator().manual_seed(seed)) for seed in range(5)]
+    stacked = np.stack([d.numpy() for d in deltas])  # (5, 2, 3)
+    values = np.sort(stacked, axis=0)
+    # Execute / Assert: median as numpy's (even n: mean of the two middle values)
+    torch.testing.assert_close(combine(deltas, "median"), torch.from_numpy(np.median(stacked, axis=0)))
+    torch.testing.assert_close(
+        combine(deltas[:4], "median"), torch.from_numpy(np.median(stacked[:4], axis=0))
+    )
+    # trim 0.2 of 5 cuts one from each end; 0.4 cuts two (the median)
+    torch.testing.assert_close(
+        combine(deltas, "trimmed_mean", trim=0.2), torch.from_numpy(values[1:4].mean(0))
+    )
+    torch.testing.assert_close(combine(deltas, "trimmed_mean", trim=0.4), combine(deltas, "median"))
+
+
+@pytest.mark.parametrize(
+    ("method", "weights", "trim", "message"),
+    [
+        ("trimmed_mean", None, None, r"needs --trim in \(0, 0.5\)"),
+        ("trimmed_mean", None, 0.5, r"needs --trim in \(0, 0.5\)"),
+        ("trimmed_mean", None, 0.2, "cuts none from either end"),
+        ("median", [1.0, 2.0, 1.0], None, "takes no --weights"),
+        ("linear", None, 0.2, "--trim applies to trimmed_mean"),
+    ],
+)
+def test_robust_methods_refuse_bad_parameters(
+    method: str, weights: list[float] | None, trim: float | None, message: str
+) -> None:
+    with pytest.raises(UserError, match=message):
+        combine([torch.zeros(2, 2)] * 3, method, weights, trim=trim)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def poisoned(adapters: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """adapters[0] with every lora_B scaled by 1000: a ΔW 1000× an honest one, otherwise well-formed."""
+    out = tmp_path_factory.mktemp("poisoned") / "adapter"
+    shutil.copytree(adapters[0], out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    save_file(
+        {k: v * 1000 if "lora_B" in k else v for k, v in tensors.items()}, out / "adapter_model.safetensors"
+    )
+    return out
+
+
+def norm(deltas: dict[str, np.ndarray]) -> float:
+    """‖ΔW‖ over all layers together."""
+    return float(np.sqrt(sum((d**2).sum() for d in deltas.values())))
+
+
+def merged_delta(tiny_model_dir: Path, merged: Path) -> dict[str, np.ndarray]:
+    base, after = parameters(tiny_model_dir), parameters(merged)
+    return {layer: after[layer] - base[layer] for layer in LAYERS}
+
+
+def test_robust_merges_bound_a_poisoned_adapter(
+    tiny_model_dir: Path, adapters: list[Path], poisoned: Path, tmp_path: Path
+) -> None:
+    # Prepare: three honest adapters and one whose ΔW is 1000× too large
+    inputs = [*adapters, poisoned]
+    honest = [expected_delta(a) for a in adapters]
+    honest_norms = [norm(d) for d in honest]
+    # Execute
+    plain = merge(tiny_model_dir, inputs, "linear", tmp_path / "linear")
+    median = merge(tiny_model_dir, inputs, "median", tmp_path / "median")
+    trimmed = merge(tiny_model_dir, inputs, "trimmed_mean", tmp_path / "trimmed", trim=0.25)
+    clipped = merge(tiny_model_dir, inputs, "linear", tmp_path / "clipped", clip="median")
+    # Assert: the plain average is dragged ~250× away; median and trimmed mean stay inside the range the
+    # honest adapters span, entry by entry; clipping shrinks the poisoned adapter to the median norm
+    assert norm(merged_delta(tiny_model_dir, tmp_path / "linear")) > 100 * max(honest_norms)
+    for name in ("median", "trimmed"):
+        delta = merged_delta(tiny_model_dir, tmp_path / name)
+        for layer in LAYERS:
+            low = np.min([h[layer] for h in honest], axis=0)
+            high = np.max([h[layer] for h in honest], axis=0)
+            assert np.all(delta[layer] >= low - 1e-5) and np.all(delta[layer] <= high + 1e-5), name
+    report = clipped["clip"]
+    assert report["bound"] == pytest.approx(float(np.median(report["norms"])))
+    assert report["norms"][3] == pytest.approx(1000 * report["norms"][0], rel=1e-4)
+    assert report["factors"][3] == pytest.approx(report["bound"] / report["norms"][3])
+    assert norm(merged_delta(tiny_model_dir, tmp_path / "clipped")) <= report["bound"] + 1e-4
+    assert plain["clip"] is None and median["weights"] == [1.0] * 4 and trimmed["trim"] == 0.25
+
+
+def test_cli_merges_robustly_and_records_how(
+    tiny_model_dir: Path,
+    adapters: list[Path],
+    poisoned: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Prepare
+    args = ["merge", "--base", str(tiny_model_dir), "--adapters", *map(str, [*adapters, poisoned])]
+    # Execute
+    done = main(
+        [
+            *args,
+            "--method",
+            "trimmed_mean",
+            "--trim",
+            "0.25",
+            "--clip",
+            "2.5",
+            "--out",
+            str(tmp_path / "m"),
+            "--json",
+        ]
+    )
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with pytest.raises(SystemExit) as refused:  # argparse: one line on stderr, exit status 2
+        main([*args, "--method", "trimmed_mean", "--clip", "huge", "--out", str(tmp_path / "x")])
+    # Assert
+    assert done == 0 and summary["clip"]["bound"] == 2.5 and summary["trim"] == 0.25
+    config = read_provenance(tmp_path / "m")["config"]
+    assert config["clip"] == 2.5 and config["trim"] == 0.25 and config["method"] == "trimmed_mean"
+    assert "norm clipping: every adapter's ‖ΔW‖ to at most 2.5" in (tmp_path / "m" / "README.md").read_text()
+    assert refused.value.code == 2 and "'median' or a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -42,3 +42,16 @@ def language(code: str) -> Language:
     except KeyError:
         known = " ".join(LANGUAGES)
         raise UserError(f"unknown language code {code!r}; known codes: {known}") from None
+
+
+def adapter_shape(name: str) -> tuple[str | None, str | None]:
+    """(task, language) an adapter's name announces: `…-en-hi` is translation into Hindi, `…-hi` is
+    Hindi text; (None, None) for names outside that convention."""
+    parts = name.rsplit("/", 1)[-1].split("-")
+    code = parts[-1] if parts[-1] in LANGUAGES else None
+    if code is None:
+        return None, None
+    if len(parts) >= 2 and parts[-2] == "en" and code != "en":
+        return "translate", code
+    return "lm", code
+

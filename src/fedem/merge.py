@@ -9,17 +9,27 @@ Glossary (LoRA paper → peft → here):
     ΔW       an adapter's full weight update, scale · B @ A, shape (out, in): what the adapter adds to W
     w, λ     per-adapter weights of the merge
     density  fraction of ΔW entries TIES/DARE keep (TIES: largest magnitudes; DARE: random, rescaled)
+    n        the number of adapters merged
+    ‖ΔWᵢ‖    adapter i's norm: the Frobenius norm of all its ΔW together (as the hub's screening)
+    c        a clipping bound: each ΔWᵢ is scaled by min(1, c / ‖ΔWᵢ‖) before combining
+    β, k     trimmed mean: the fraction β of adapters cut from each end, k = ⌊β · n⌋ per entry
 
 Every method combines the ΔWᵢ of the adapters entry by entry, never their A and B factors: a weighted
 sum of B factors times a weighted sum of A factors has cross terms Bᵢ Aⱼ that belong to no adapter, and
 trimming or dropping entries of A and B is not trimming or dropping entries of ΔW (see docs/merge.md).
 The TIES/DARE arithmetic itself is peft's (`peft.utils.merge_utils`).
+
+Robust aggregation, for adapters from contributors who may not all be honest (as Flower's FedMedian,
+FedTrimmedAvg and update clipping): `median` and `trimmed_mean` combine entry by entry over the
+adapters, so one adapter, however large its ΔW, cannot move an entry outside the range the others
+span; `clip` bounds every adapter's norm, so none outweighs the rest, and works with every method.
 """
 
 import logging
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -42,6 +52,10 @@ log = logging.getLogger(__name__)
 Method = Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
 METHODS: tuple[str, ...] = get_args(Method)
 DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
+RobustMethod = Literal["median", "trimmed_mean"]
+ROBUST_METHODS: tuple[str, ...] = get_args(RobustMethod)
+MERGE_METHODS = METHODS + ROBUST_METHODS
+Clip = float | Literal["median"] | None
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 
@@ -123,7 +137,12 @@ def delta_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def resolve_weights(method: str, n: int, weights: list[float] | None) -> list[float]:
-    """The per-adapter weights: given ones, or 1/n for `linear` (an average) and 1.0 for the others."""
+    """The per-adapter weights: given ones, or 1/n for `linear` (an average) and 1.0 for the others.
+    `median` and `trimmed_mean` count each adapter once and take no weights."""
+    if method in ROBUST_METHODS:
+        if weights is not None:
+            raise UserError(f"{method} takes no --weights: each adapter counts once")
+        return [1.0] * n
     if weights is None:
         return [1.0 / n] * n if method == "linear" else [1.0] * n
     if len(weights) != n:
@@ -143,12 +162,67 @@ def check_density(method: str, density: float | None) -> None:
         raise UserError(f"density must be in (0, 1], got {density}")
 
 
+def trimmed_count(method: str, n: int, trim: float | None) -> int:
+    """k, the adapters cut from each end per entry: ⌊β · n⌋ for trimmed_mean (refused if 0 or if nothing
+    would remain), ⌊(n − 1)/2⌋ for median (one or two middle values left); `trim` only for trimmed_mean."""
+    if method != "trimmed_mean":
+        if trim is not None:
+            raise UserError(f"--trim applies to trimmed_mean, not to {method}")
+        return (n - 1) // 2
+    if trim is None or not 0.0 < trim < 0.5:
+        raise UserError(f"trimmed_mean needs --trim in (0, 0.5): the fraction cut from each end, not {trim}")
+    k = math.floor(trim * n)
+    if k == 0:
+        raise UserError(
+            f"--trim {trim:g} of {n} adapters cuts none from either end (a plain mean); "
+            f"use --trim ≥ {1 / n:.3g} or more adapters"
+        )
+    return k
+
+
+def trimmed_mean(deltas: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Entry by entry: sort the n values, drop the k smallest and k largest, average the rest."""
+    stacked = torch.stack(deltas)  # (n, out, in)
+    kept = stacked.sort(dim=0).values[k : len(deltas) - k]  # (n − 2k, out, in)
+    return kept.mean(dim=0)  # (out, in)
+
+
+def update_norm(deltas: dict[str, torch.Tensor]) -> float:
+    """‖ΔW‖: the Frobenius norm of all of an adapter's ΔW together (in float64, so it cannot overflow)."""
+    return math.sqrt(sum(float(delta.double().pow(2).sum()) for delta in deltas.values()))
+
+
+def clip_norms(
+    per_adapter: list[dict[str, torch.Tensor]], clip: Clip
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any] | None]:
+    """Scale each adapter's ΔW by min(1, c / ‖ΔWᵢ‖), with c the given bound or the median ‖ΔWᵢ‖.
+
+    The norm is over all of an adapter's modules at once, so clipping shrinks an adapter as a whole and
+    keeps the direction of its update. Returns the clipped ΔWs and a report (None: no clipping)."""
+    if clip is None:
+        return per_adapter, None
+    norms = [update_norm(deltas) for deltas in per_adapter]
+    if clip == "median":
+        bound = statistics.median(norms)
+    elif isinstance(clip, float | int) and 0 < clip < math.inf:
+        bound = float(clip)
+    else:
+        raise UserError(f"--clip is 'median' or a positive number, not {clip!r}")
+    factors = [min(1.0, bound / norm) if norm > 0 else 1.0 for norm in norms]
+    clipped = [
+        {name: delta * factor for name, delta in deltas.items()} if factor < 1.0 else deltas
+        for deltas, factor in zip(per_adapter, factors, strict=True)
+    ]
+    return clipped, {"bound": bound, "norms": norms, "factors": factors}
+
+
 def combine(
     deltas: list[torch.Tensor],
-    method: Method,
+    method: Method | RobustMethod,
     weights: list[float] | None = None,
     density: float | None = None,
     seed: int | None = None,
+    trim: float | None = None,
 ) -> torch.Tensor:
     """Merge the ΔWᵢ of one parameter (all the same shape) into one ΔW of that shape.
 
@@ -157,13 +231,18 @@ def combine(
     dare_ties: drop entries at random (keep with probability `density`, rescale by 1/density), then sum as
     linear or sign-elect and average as ties. DARE draws from torch's global generator: seeded here with
     `seed` (restored afterwards) or, with `seed=None`, from whatever state the caller set up.
+    median / trimmed_mean: per entry, the median of the n values, or their mean without the k = ⌊trim · n⌋
+    smallest and k largest (unweighted).
     """
-    if method not in _COMBINE:
-        raise UserError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in MERGE_METHODS:
+        raise UserError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
     if not deltas:
         raise UserError("nothing to merge: no adapters given")
     resolved = resolve_weights(method, len(deltas), weights)
     check_density(method, density)
+    k = trimmed_count(method, len(deltas), trim)
+    if method in ROBUST_METHODS:
+        return trimmed_mean(deltas, k)
     w = torch.tensor(resolved, dtype=deltas[0].dtype)  # (n,)
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[], enabled=seed is not None):
         # density 1 is a valid choice (no trimming/dropping); peft warns about it once per tensor.
@@ -180,6 +259,9 @@ def _card(summary: dict[str, Any]) -> str:
         for i, (a, w) in enumerate(zip(summary["adapters"], summary["weights"], strict=True), start=1)
     )
     density = "—" if summary["density"] is None else f"{summary['density']:g}"
+    trim = "—" if summary["trim"] is None else f"{summary['trim']:g}"
+    clipped = summary["clip"]
+    clip = "—" if clipped is None else f"every adapter's ‖ΔW‖ to at most {clipped['bound']:.4g}"
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -211,6 +293,8 @@ Base: `{summary["base"]}` (weights sha256 `{summary["base_sha256"]}`)
 - method: `{summary["method"]}`
 - weights: {", ".join(f"{w:g}" for w in summary["weights"])}
 - density: {density}
+- trim: {trim}
+- norm clipping: {clip}
 - seed: {summary["seed"]}
 - merged parameters: {summary["parameters_changed"]}
 
@@ -226,15 +310,20 @@ def merge(
     weights: list[float] | None = None,
     density: float | None = None,
     seed: int = 0,
+    clip: Clip = None,
+    trim: float | None = None,
 ) -> dict[str, Any]:
-    """Merge `adapters` into `base` with `method` and write a full checkpoint to `out` (atomically)."""
-    if method not in METHODS:
-        raise UserError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    chosen = cast(Method, method)
+    """Merge `adapters` into `base` with `method` and write a full checkpoint to `out` (atomically).
+
+    `clip` ("median" or a bound) clips every adapter's ‖ΔW‖ first; `trim` is trimmed_mean's β."""
+    if method not in MERGE_METHODS:
+        raise UserError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+    chosen = cast(Method | RobustMethod, method)
     if not adapters:
         raise UserError("nothing to merge: give at least one adapter")
     resolved = resolve_weights(method, len(adapters), weights)
     check_density(method, density)
+    trimmed_count(method, len(adapters), trim)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
 
@@ -259,13 +348,16 @@ def merge(
                     f"the base's is {tuple(params[name].shape)}"
                 )
 
+    per_adapter, clipping = clip_norms(per_adapter, clip)
+    if clipping is not None:
+        log.info("clipped ‖ΔW‖ to %.4g: factors %s", clipping["bound"], clipping["factors"])
     log.info("merging %d adapter(s) into %s with %s, weights %s", len(adapters), base, method, resolved)
     # One seeded stream for the whole merge, walked in sorted name order: reproducible, and each layer
     # gets its own DARE mask (reseeding per tensor would repeat the same mask in every layer).
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for name in names:
-            merged = combine([d[name] for d in per_adapter], chosen, resolved, density)
+            merged = combine([d[name] for d in per_adapter], chosen, weights, density, trim=trim)
             params[name].add_(merged.to(params[name].dtype))
 
     summary: dict[str, Any] = {
@@ -276,6 +368,8 @@ def merge(
         "method": method,
         "weights": resolved,
         "density": density,
+        "trim": trim,
+        "clip": clipping,
         "seed": seed,
         "parameters_changed": len(names),
     }
@@ -286,7 +380,8 @@ def merge(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_card(summary), encoding="utf-8")
-        config = {k: summary[k] for k in ("base", "method", "weights", "density", "seed")}
+        config = {k: summary[k] for k in ("base", "method", "weights", "density", "trim", "seed")}
+        config["clip"] = clip
         config["adapters"] = [a["path"] for a in summary["adapters"]]
         write_provenance(
             tmp,

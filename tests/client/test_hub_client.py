@@ -325,3 +325,19 @@ def test_json_log_lines() -> None:
     line = json.loads(JsonFormatter().format(record))
     assert line["level"] == "info" and line["method"] == "GET" and line["status"] == 200
     assert line["root"] == "/srv/hub" and line["message"].startswith("127.0.0.1:5000")
+
+
+def test_a_rate_limited_client_waits_as_told_and_carries_on(tmp_path: Path) -> None:
+    """Over the hub's per-token rate (2 requests, then 5/s) every call still succeeds: a 429 is retried
+    after its Retry-After; with no retries left the 429 reaches the caller with that wait."""
+    with running_hub(tmp_path / "hub", rate_limit_per_s=5.0, rate_limit_burst=2) as running:
+        with running.client("donor0") as donor:
+            seen: list[int] = []
+            donor.http.event_hooks["response"].append(lambda r: seen.append(r.status_code))
+            assert [donor.whoami()["name"] for _ in range(6)] == ["donor0"] * 6
+            assert 429 in seen and seen[-1] == 200
+        impatient = HubClient(running.url, running.tokens["donor1"], retries=0)
+        with impatient, pytest.raises(HubAPIError) as refused:
+            for _ in range(4):
+                impatient.whoami()
+        assert refused.value.status == 429 and refused.value.retry_after is not None

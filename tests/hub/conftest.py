@@ -3,6 +3,10 @@
 The test process binds the listening socket and hands it to the server process, so the port is
 free of races and stays the same across a SIGKILL and restart (connections made while the server is
 down wait in the socket's backlog). Users are created directly in the hub's database before start.
+
+Two environment variables run the same tests on a production-like hub (`make test-postgres`):
+`FEDEM_TEST_DB_URL`, a PostgreSQL server URL (each hub gets a fresh database there, dropped after
+the test), and `FEDEM_TEST_HUB_WORKERS`, the number of uvicorn worker processes (default 1).
 """
 
 import hashlib
@@ -13,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, make_url, text
 
 from fedem.hub.auth import create_user
 from fedem.hub.db import Database, migrate
@@ -28,15 +34,16 @@ from fedem.hub.settings import HubSettings
 BASE = "seshu/base"
 ADAPTER = "seshu/adapter-en-hi"
 USERS = (("admin", "maintainer"), ("ann", "donor"), ("bo", "donor"))
+SERVER_DB_URL = os.environ.get("FEDEM_TEST_DB_URL")
+WORKERS = int(os.environ.get("FEDEM_TEST_HUB_WORKERS", "1"))
 
 SERVER = """
 import json, socket, sys
-import uvicorn
-from fedem.hub.app import create_app
+from fedem.hub.cli import run_hub
 from fedem.hub.settings import HubSettings
-app = create_app(HubSettings(**json.loads(sys.argv[1])))
-config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
-uvicorn.Server(config).run(sockets=[socket.socket(fileno=int(sys.argv[2]))])
+settings = HubSettings(**json.loads(sys.argv[1]))
+sock = socket.socket(fileno=int(sys.argv[2]))
+run_hub(settings, int(sys.argv[3]), sockets=[sock], log_level="warning", timeout_graceful_shutdown=2)
 """
 
 
@@ -63,8 +70,10 @@ class Hub:
         return httpx.Client(base_url=self.url, timeout=30)
 
     def start(self) -> "Hub":
-        args = [sys.executable, "-c", SERVER, json.dumps(self.settings), str(self.sock.fileno())]
-        self.proc = subprocess.Popen(args, pass_fds=[self.sock.fileno()])
+        fd = self.sock.fileno()
+        args = [sys.executable, "-c", SERVER, json.dumps(self.settings), str(fd), str(WORKERS)]
+        # its own process group, so that `kill` reaches every worker process at once
+        self.proc = subprocess.Popen(args, pass_fds=[fd], start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -77,9 +86,9 @@ class Hub:
         raise RuntimeError("hub did not start in 60 s")
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, exactly like a crash."""
+        """SIGKILL to the server and its workers: no shutdown code runs, exactly like a crash."""
         assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
     def stop(self) -> None:
@@ -101,9 +110,29 @@ class Hub:
         return sorted((self.blobs / "tmp").iterdir())
 
 
+def fresh_server_database(server_url: str) -> str:
+    """A new, empty database on the server at `server_url`; returns its URL."""
+    name = f"hub_{uuid.uuid4().hex[:16]}"
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    engine.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_server_database(url: str) -> None:
+    server = make_url(url).set(database="postgres")
+    engine = create_engine(server, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(text(f"DROP DATABASE IF EXISTS {make_url(url).database} WITH (FORCE)"))
+    engine.dispose()
+
+
 def start_hub(root: Path, **settings: Any) -> Hub:
     """Create the hub's database and users, then start the server."""
     root.mkdir(parents=True, exist_ok=True)
+    if SERVER_DB_URL and "db_url" not in settings:
+        settings["db_url"] = fresh_server_database(SERVER_DB_URL)
     config = {"root": str(root), **settings}
     database = Database(HubSettings(**config).database_url)
     migrate(database.engine)
@@ -127,6 +156,8 @@ def make_hub(tmp_path: Path) -> Iterator[Any]:
     for hub in hubs:
         hub.stop()
         hub.sock.close()
+        if SERVER_DB_URL:
+            drop_server_database(hub.settings["db_url"])
 
 
 @pytest.fixture

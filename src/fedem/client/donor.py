@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fedem.client.hub_client import HubAPIError, HubClient, TransferError, collect, sha256_file
 from fedem.data.prompts import Direction
 from fedem.errors import UserError
-from fedem.languages import LANGUAGES
+from fedem.languages import LANGUAGES, adapter_shape
 from fedem.provenance import PROVENANCE_FILE, read_provenance, write_json_atomic
 
 if TYPE_CHECKING:  # torch and transformers load when a run starts, so `fedem --help` stays fast
@@ -112,18 +112,6 @@ class Turn:
 
 
 # --- matching data and adapters ------------------------------------------------------------------
-
-
-def adapter_shape(name: str) -> tuple[str | None, str | None]:
-    """(task, language) an adapter's name announces: `…-en-hi` is translation into Hindi, `…-hi` is
-    Hindi text; (None, None) for names outside that convention."""
-    parts = name.rsplit("/", 1)[-1].split("-")
-    code = parts[-1] if parts[-1] in LANGUAGES else None
-    if code is None:
-        return None, None
-    if len(parts) >= 2 and parts[-2] == "en" and code != "en":
-        return "translate", code
-    return "lm", code
 
 
 def data_language(cfg: DonorRun) -> str | None:
@@ -413,6 +401,7 @@ def _turn(
             "steps": trained["steps"],
             "stopped_early": stopper.stopped_early,
             "task": cfg.task,
+            "language": data_language(cfg),
         }
     )
     noun = "translation examples" if cfg.task == "translate" else "lines"

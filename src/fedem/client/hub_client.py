@@ -23,15 +23,19 @@ import httpx
 from fedem.errors import UserError
 
 CHUNK = 1 << 20
+RATE_WAIT_CAP_S = 30.0  # the longest a client waits for its rate-limit bucket before a retry
 T = TypeVar("T")
 
 
 class HubAPIError(Exception):
     """The hub answered with an error: its HTTP status, the `error` code and `message` of its JSON body."""
 
-    def __init__(self, status: int, code: str, message: str, body: Any = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, body: Any = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{message} ({code}, HTTP {status})")
         self.status, self.code, self.message, self.body = status, code, message, body
+        self.retry_after = retry_after  # seconds, from a 429's `Retry-After`
 
 
 class TransferError(Exception):
@@ -69,10 +73,12 @@ def _error(response: httpx.Response) -> HubAPIError:
         body = response.json()
     except ValueError:
         body = None
+    raw_wait = response.headers.get("retry-after", "")
+    wait = float(raw_wait) if raw_wait.replace(".", "", 1).isdigit() else None
     if isinstance(body, dict) and "error" in body:
-        return HubAPIError(response.status_code, str(body["error"]), str(body.get("message", "")), body)
+        return HubAPIError(response.status_code, str(body["error"]), str(body.get("message", "")), body, wait)
     text = response.text.strip()[:300] or response.reason_phrase
-    return HubAPIError(response.status_code, f"http_{response.status_code}", text, body)
+    return HubAPIError(response.status_code, f"http_{response.status_code}", text, body, wait)
 
 
 def _check(response: httpx.Response) -> httpx.Response:
@@ -108,7 +114,9 @@ class HubClient:
     """One hub, one identity. `token` is needed for writes (`Authorization: Bearer`); reads are open.
 
     `retries` extra attempts follow a dropped connection, waiting `backoff_s`, then twice, four times
-    as long. The underlying `httpx.Client` is `self.http` (tests attach event hooks to it).
+    as long, and a 429 (over the hub's per-token rate limit: the request was not processed, so any
+    request may be repeated), waiting what its `Retry-After` says, at most `RATE_WAIT_CAP_S`. The
+    underlying `httpx.Client` is `self.http` (tests attach event hooks to it).
     """
 
     def __init__(
@@ -142,6 +150,10 @@ class HubClient:
                 if not safe or attempt == self.retries:
                     raise
                 time.sleep(self.backoff_s * 2**attempt)
+            except HubAPIError as err:
+                if err.status != 429 or attempt == self.retries:
+                    raise
+                time.sleep(min(err.retry_after or self.backoff_s * 2**attempt, RATE_WAIT_CAP_S))
         raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:

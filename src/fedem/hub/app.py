@@ -8,13 +8,15 @@ import threading
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
 from fedem import __version__
 from fedem.hub.db import Database, migrate
 from fedem.hub.errors import install_handlers
 from fedem.hub.leases import expire_due
-from fedem.hub.routes import evaluations, files, hf, leases, repos, users
+from fedem.hub.limits import BodySizeLimit, TokenBuckets
+from fedem.hub.routes import dashboard, evaluations, files, hf, leases, repos, users
 from fedem.hub.settings import HubSettings
 from fedem.hub.store import ArtifactStore
 
@@ -53,14 +55,25 @@ def _start_eval_worker(
     return thread, stop
 
 
-def create_app(settings: HubSettings) -> FastAPI:
+def prepare(settings: HubSettings) -> None:
+    """Once per hub start, before any request: migrate the schema and remove unfinished uploads.
+    `fedem hub serve --workers N` calls it before forking, so no worker deletes another's upload."""
     settings.root.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     migrate(db.engine)
+    db.engine.dispose()
     store = ArtifactStore(settings.artifact_url)
     cleaned = store.clean_temp()  # leftovers of uploads cut off by a crash: never visible, now gone
     if cleaned:
         log.info("removed %d unfinished upload(s) from %s", cleaned, store.temp_dir)
+
+
+def create_app(settings: HubSettings, prepared: bool = False) -> FastAPI:
+    """The app; `prepared=True` when `prepare(settings)` already ran (a worker of a multi-process hub)."""
+    if not prepared:
+        prepare(settings)
+    db = Database(settings.database_url)
+    store = ArtifactStore(settings.artifact_url)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -78,9 +91,19 @@ def create_app(settings: HubSettings) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.store = store
+    app.state.rate_limits = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst)
     install_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_json_bytes)
+    if settings.cors_origins:  # no CORS headers at all unless origins are named (docs/security.md)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "HEAD", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["ETag", "X-Repo-Commit", "X-Error-Code", "Retry-After"],
+        )
     # hf last: its /{ns}/{name}/resolve/… is a catch-all
-    for module in (repos, leases, users, files, evaluations, hf):
+    for module in (repos, leases, users, files, evaluations, dashboard, hf):
         app.include_router(module.router)
 
     @app.get("/healthz", tags=["health"])

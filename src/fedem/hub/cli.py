@@ -11,8 +11,9 @@ import argparse
 import contextlib
 import json
 import logging
+import logging.config
 import os
-import sys
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 from fedem.errors import UserError
 
 if TYPE_CHECKING:  # the heavy imports wait until a command runs, so `fedem --help` stays fast
+    from fastapi import FastAPI
+
     from fedem.client.hub_client import HubClient
     from fedem.hub.db import Database
     from fedem.hub.settings import HubSettings
@@ -29,6 +32,10 @@ if TYPE_CHECKING:  # the heavy imports wait until a command runs, so `fedem --he
 Handler = Callable[[argparse.Namespace], dict[str, Any]]
 
 log = logging.getLogger("fedem.hub")
+
+# `--workers N`: uvicorn starts each worker process by import string, so the settings travel as JSON
+# in the environment, which the workers inherit.
+SETTINGS_ENV = "FEDEM_HUB_SETTINGS"
 
 _RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -52,16 +59,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+def json_logging(verbose: bool = False) -> dict[str, Any]:
+    """The `logging.config` dict that sends every record (the hub's and uvicorn's) to stderr as JSON
+    lines; uvicorn applies it again in each worker process."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+        },
+        "root": {"handlers": ["stderr"], "level": "DEBUG" if verbose else "INFO"},
+        "loggers": {
+            name: {"handlers": [], "propagate": True}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
 def configure_json_logging(verbose: bool = False) -> None:
-    """Send every log record (the hub's and uvicorn's) to stderr as JSON lines."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
+    logging.config.dictConfig(json_logging(verbose))
 
 
 def _settings(args: argparse.Namespace) -> "HubSettings":
@@ -75,6 +92,9 @@ def _settings(args: argparse.Namespace) -> "HubSettings":
         "lease_ttl_s": getattr(args, "lease_ttl", None),
         "sweep_every_s": getattr(args, "sweep_every", None),
         "max_file_bytes": getattr(args, "max_file_bytes", None),
+        "rate_limit_per_s": getattr(args, "rate_limit", None),
+        "rate_limit_burst": getattr(args, "rate_burst", None),
+        "cors_origins": getattr(args, "cors_origin", None),
         "eval_data": getattr(args, "eval_data", None),
         "eval_worker": getattr(args, "eval_worker", None),
         "eval_poll_s": getattr(args, "poll", None),
@@ -102,21 +122,72 @@ def bootstrap_admin(db: "Database") -> str | None:
         return token
 
 
-def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
-    import uvicorn
-
+def app_from_environment() -> "FastAPI":
+    """The app factory each worker of `serve --workers N` calls (`prepare` ran in the parent)."""
     from fedem.hub.app import create_app
+    from fedem.hub.settings import HubSettings
+
+    return create_app(HubSettings.model_validate_json(os.environ[SETTINGS_ENV]), prepared=True)
+
+
+def run_hub(
+    settings: "HubSettings",
+    workers: int = 1,
+    sockets: list[socket.socket] | None = None,
+    prepared: bool = False,
+    **uvicorn: Any,
+) -> None:
+    """Serve the hub with uvicorn in this process, or in `workers` processes sharing one listening
+    socket (`sockets`, or one bound from `host`/`port`/`fd` in `uvicorn`).
+
+    The schema migration and the removal of unfinished uploads run once, here (or already by the
+    caller: `prepared`), before any worker starts: a worker doing them would race the others'
+    migrations and delete their uploads in flight. Several workers are safe because the invariants
+    live in the database (docs/reliability.md): the one-live-lease index, unique revision numbers,
+    and conditional updates for lease ends and evaluation claims."""
+    import uvicorn as server
+
+    from fedem.hub.app import create_app, prepare
+
+    if not prepared:
+        prepare(settings)
+    if workers == 1:
+        server.Server(server.Config(create_app(settings, prepared=True), **uvicorn)).run(sockets=sockets)
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[SETTINGS_ENV] = settings.model_dump_json()
+    config = server.Config(f"{__name__}:app_from_environment", factory=True, workers=workers, **uvicorn)
+    Multiprocess(config, sockets=sockets or [config.bind_socket()]).run()
+
+
+def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from fedem.hub.app import prepare
+    from fedem.hub.db import Database
 
     configure_json_logging(args.verbose)
     settings = _settings(args)
-    app = create_app(settings)
-    token = bootstrap_admin(app.state.db)
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if args.workers > 1 and settings.eval_worker:
+        raise UserError("--eval-worker needs a single process: run `fedem hub evaluate` beside the workers")
+    prepare(settings)
+    db = Database(settings.database_url)
+    token = bootstrap_admin(db)
+    db.engine.dispose()
     if token:
         # stdout, once: the only time this token exists in clear (the database keeps its hash)
         print(f"first start: created maintainer 'admin' with token {token}", flush=True)  # noqa: T201
-    log.info("hub starting", extra={"url": f"http://{args.host}:{args.port}", "root": str(settings.root)})
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_config=None, log_level="debug" if args.verbose else "info"
+    where = {"url": f"http://{args.host}:{args.port}", "root": str(settings.root), "workers": args.workers}
+    log.info("hub starting", extra=where)
+    run_hub(
+        settings,
+        args.workers,
+        prepared=True,
+        host=args.host,
+        port=args.port,
+        log_config=json_logging(args.verbose),
+        log_level="debug" if args.verbose else "info",
     )
     return {"status": "stopped", "root": str(settings.root)}
 
@@ -367,6 +438,13 @@ def add_hub_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser
     serve.add_argument("--root", type=Path, required=True, help="folder for hub.db and blobs/ (created)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="server processes on one port (default 1; more want a PostgreSQL --db, docs/reliability.md)",
+    )
     serve.add_argument("--db", help="database URL, e.g. postgresql+psycopg://… (default: <root>/hub.db)")
     serve.add_argument(
         "--store", help="fsspec URL for blobs, e.g. s3://bucket/prefix (default: <root>/blobs)"
@@ -377,6 +455,16 @@ def add_hub_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser
     )
     serve.add_argument(
         "--max-file-bytes", type=int, metavar="N", help="largest artifact accepted (default 4 GiB)"
+    )
+    serve.add_argument(
+        "--rate-limit", type=float, metavar="PER_S", help="requests per second per token (default 20)"
+    )
+    serve.add_argument("--rate-burst", type=int, metavar="N", help="requests a token may save up (default 200)")
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="URL",
+        help="allow browser calls from this origin (repeatable; default: none, CORS off)",
     )
     serve.add_argument(
         "--eval-worker",

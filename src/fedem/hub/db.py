@@ -7,17 +7,31 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Connections per hub process: 10 kept, and no cap on more. A cap deadlocks under load: a request's
+# session holds its connection from the token check until the request ends, while its route waits for
+# one of FastAPI's 40 threads, and those threads all wait for a connection (measured with
+# bench/hub_load.py: SQLAlchemy's default cap of 15, and one of 40, turned 200 concurrent donors into
+# 30 s pool timeouts). So a server database needs `max_connections` ≥ the requests in flight across
+# all workers (docs/reliability.md).
+POOL_SIZE, POOL_OVERFLOW = 10, -1
+# Any fixed number: the PostgreSQL advisory lock that serialises concurrent migrations.
+MIGRATION_LOCK = 0x6665_6465_6D
 
 
 def make_engine(url: str) -> Engine:
     """An engine; SQLite gets WAL (readers never block the writer) and enforced foreign keys."""
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        pool_size=POOL_SIZE,
+        max_overflow=POOL_OVERFLOW,
+    )
 
     @event.listens_for(engine, "connect")
     def _pragmas(connection: Any, _record: Any) -> None:
@@ -31,10 +45,13 @@ def make_engine(url: str) -> Engine:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (idempotent)."""
+    """Bring the schema to the newest Alembic revision (idempotent). On PostgreSQL an advisory lock
+    makes hub processes that start together migrate one after the other, not race to create tables."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

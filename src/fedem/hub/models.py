@@ -60,7 +60,9 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     role: Mapped[str] = mapped_column(String(16))  # "donor" | "maintainer"
     pseudonym: Mapped[str] = mapped_column(String(32), unique=True)
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    # a token is `fedem_<token_id>.<secret>`; only the secret's argon2 hash is kept (fedem.hub.auth)
+    token_id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    token_hash: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

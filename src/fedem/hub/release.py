@@ -108,6 +108,18 @@ def _card(title: str, lines: list[str], table: list[str]) -> str:
     )
 
 
+def release_metrics(results: dict[str, Any] | None) -> dict[str, Any]:
+    """What a release records of its evaluation: the summary, bits-per-byte per language and chrF per
+    direction — the dashboard's maturity plot reads `bpb` (docs/dashboard.md)."""
+    if results is None:
+        return {}
+    return {
+        "summary": results["summary"],
+        "bpb": {lang: s["bpb"] for lang, s in results.get("language_modelling", {}).items()},
+        "chrf": {pair: s["chrf"] for pair, s in results.get("translation", {}).items()},
+    }
+
+
 def _publish(
     client: HubClient, base_repo: str, folder: Path, card: str, description: str, metrics: dict[str, Any]
 ) -> dict[str, Any]:
@@ -157,9 +169,8 @@ def release(
         *([f"Skipped (pinned to another release): {', '.join(skipped)}."] if skipped else []),
     ]
     card = _card(f"{base_repo} — merged release", lines, _table(before, after, current["tag"], "new"))
-    metrics = {"summary": after["summary"]} if after else {}
     published = _publish(
-        client, base_repo, merged, card, f"merge of {len(heads)} adapters ({method})", metrics
+        client, base_repo, merged, card, f"merge of {len(heads)} adapters ({method})", release_metrics(after)
     )
     return {
         **published,
@@ -213,7 +224,7 @@ def continue_pretraining(
         out,
         card,
         f"continued pretraining on {data.name}",
-        {"summary": after["summary"]} if after else {},
+        release_metrics(after),
     )
     return {
         **published,

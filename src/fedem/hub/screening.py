@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from fedem.errors import UserError
-from fedem.merge import ADAPTER_WEIGHTS, delta_weights
+from fedem.merge import ADAPTER_WEIGHTS, delta_weights, update_norm
 from fedem.provenance import PROVENANCE_FILE, weights_fingerprint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -217,7 +217,7 @@ def delta_norm(adapter_dir: Path) -> float:
         deltas = delta_weights(adapter_dir)
     except UserError as err:
         raise ScreeningError(str(err)) from None
-    return math.sqrt(sum(float(delta.double().pow(2).sum()) for delta in deltas.values()))
+    return update_norm(deltas)
 
 
 def check_norm(norm: float, history: Sequence[float], max_ratio: float) -> float | None:

@@ -4,6 +4,8 @@ The embedded default needs nothing but a folder: `<root>/hub.db` (SQLite) and `<
 (artifacts). `db_url` (e.g. `postgresql+psycopg://…`) and `store_url` (any fsspec URL, e.g.
 `s3://bucket/prefix`) select production back ends without code changes.
 
+`max_json_bytes`, `rate_limit_*` and `cors_origins` are the access limits of docs/security.md.
+
 The `eval_*`, `accept_*` and `max_delta_norm_ratio` fields configure the server-side evaluation of
 submitted adapters (docs/evaluation.md); `eval_data` is a server-only folder no route ever serves.
 """
@@ -26,6 +28,18 @@ class HubSettings(BaseModel):
     sweep_every_s: float = Field(default=300, gt=0, description="how often expired leases are freed")
     max_file_bytes: int = Field(default=4 << 30, gt=0, description="largest single artifact accepted")
     allowed_suffixes: tuple[str, ...] = ALLOWED_SUFFIXES
+
+    # access limits (docs/security.md)
+    max_json_bytes: int = Field(
+        default=1 << 20, gt=0, description="largest request body other than a blob upload (413 above)"
+    )
+    rate_limit_per_s: float | None = Field(
+        default=20.0, gt=0, description="requests per second per token, per server process (None: off)"
+    )
+    rate_limit_burst: int = Field(default=200, gt=0, description="requests a token may save up")
+    cors_origins: tuple[str, ...] = Field(
+        default=(), description="origins browsers may call the API from; none (CORS off) by default"
+    )
 
     # server-side evaluation of submitted adapter versions (docs/evaluation.md)
     eval_data: Path | None = Field(

@@ -1,5 +1,12 @@
 """What a repo may hold: safe relative paths, and only safetensors, JSON and plain-text content.
 
+A path is written to disk on every donor's machine by `huggingface_hub`, on Linux, macOS and Windows
+alike, so it must mean the same file everywhere and look like what it is: no `..`, no absolute or
+drive paths, none of the characters or device names Windows refuses (`<>:"|?*`, `CON`, `NUL`, `COM1`,
+…), no segment ending in a dot or a space (Windows drops them, so two names would meet), no invisible
+or direction-changing characters (`evil\u202egnp.safetensors` displays as `evilsrosnetfas.png`), and
+only NFC Unicode (macOS normalises names, so `é` and `e\u0301` would be one file there and two here).
+
 Pickle (`.bin`, `.pt`, `.pkl`, …) is refused by name, because loading it runs arbitrary code on
 every donor's machine; safetensors is plain data. Contents are checked on the stored blob by the
 suffix of the path it is published under, reading only what is needed (a safetensors header, not
@@ -10,6 +17,7 @@ import codecs
 import json
 import re
 import struct
+import unicodedata
 from collections.abc import Callable, Iterable
 from pathlib import PurePosixPath
 from typing import IO, Any
@@ -19,6 +27,11 @@ from fedem.hub.errors import HubError
 MAX_PATH = 512
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+WINDOWS_RESERVED_CHARS = re.compile(r'[<>:"|?*]')
+WINDOWS_DEVICES = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9¹²³]|LPT[0-9¹²³])(\..*)?", re.IGNORECASE)
+# Unicode categories never wanted in a file name: format (incl. bidi overrides), line/paragraph
+# separators, private use, surrogates, unassigned
+INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
 TEXT_SUFFIXES = (".txt", ".md", ".tsv", ".yaml", ".yml")
 MAX_JSON_BYTES = 256 << 20  # parsed in memory
 MAX_SAFETENSORS_HEADER = 100 << 20  # the limit the safetensors library itself enforces
@@ -45,8 +58,10 @@ def check_path(path: str, allowed_suffixes: Iterable[str]) -> str:
         raise bad_path(path, "backslashes and control characters are not allowed")
     if path.startswith("/"):
         raise bad_path(path, "paths are relative to the repo root")
-    if any(part in ("", ".", "..") for part in path.split("/")):
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         raise bad_path(path, "'..', '.' and empty path segments are not allowed")
+    _check_portable(path, parts)
     suffix = PurePosixPath(path).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise HubError(
@@ -58,6 +73,22 @@ def check_path(path: str, allowed_suffixes: Iterable[str]) -> str:
             422, "bad_suffix", f"{path!r}: only {', '.join(allowed)} files are accepted", path=path
         )
     return path
+
+
+def _check_portable(path: str, parts: list[str]) -> None:
+    """The same file, looking like what it is, on every donor's system (see the module docstring)."""
+    if WINDOWS_RESERVED_CHARS.search(path):
+        raise bad_path(path, 'the characters < > : " | ? * are not allowed')
+    invisible = sorted({f"U+{ord(c):04X}" for c in path if unicodedata.category(c) in INVISIBLE_CATEGORIES})
+    if invisible:
+        raise bad_path(path, f"invisible or unassigned characters are not allowed ({', '.join(invisible)})")
+    if unicodedata.normalize("NFC", path) != path:
+        raise bad_path(path, "the path must be NFC-normalised Unicode")
+    for part in parts:
+        if part != part.strip() or part.endswith("."):
+            raise bad_path(path, f"segment {part!r} starts or ends with a space, or ends with a dot")
+        if WINDOWS_DEVICES.fullmatch(part):
+            raise bad_path(path, f"{part!r} is a reserved device name on Windows")
 
 
 def check_manifest(paths: list[str], allowed_suffixes: Iterable[str]) -> None:

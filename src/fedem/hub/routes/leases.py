@@ -64,7 +64,8 @@ def live_leases(session: SessionDep, _user: Maintainer) -> list[LeasePublic]:
 @router.get("/api/audit")
 def audit_log(session: SessionDep, _user: Maintainer, limit: int = 200) -> list[dict[str, object]]:
     """The newest audit events (maintainers)."""
-    rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(min(limit, 5000))).all()
+    newest = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(max(1, min(limit, 5000)))
+    rows = session.scalars(newest).all()
     return [
         {
             "at": e.at.isoformat(),
