@@ -34,7 +34,6 @@ import tempfile
 import time
 from collections import defaultdict
 from datetime import datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,8 @@ from fedem.hub.integrity import (
 )
 from fedem.hub.models import Repo, Revision
 from fedem.hub.store import ArtifactStore
-from hub_throughput import REPO, Server, _cpu_seconds, machine_info
+from hub_throughput import HUB_PACKAGES, REPO, Server, _cpu_seconds, _filesystem
+from machine import machine_info
 
 BASE = "load/base"
 WEIGHTS = "adapter_model.safetensors"
@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fedem-hub-load-", dir=args.tmp) as tmp:
         work = Path(tmp)
-        machine = machine_info(work)
-        machine["packages"] |= {"psycopg": version("psycopg")} if args.db else {}
+        packages = (*HUB_PACKAGES, "psycopg") if args.db else HUB_PACKAGES
+        machine = machine_info(packages, tmp=str(work), tmp_filesystem=_filesystem(work))
         options = ["--workers", str(args.workers)] + (["--db", args.db] if args.db else [])
         server = Server(work / "hub", work / "hub.log", 1 << 30, *options)
         db_url = args.db or f"sqlite:///{work / 'hub' / 'hub.db'}"

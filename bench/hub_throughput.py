@@ -24,10 +24,8 @@ because it decides what "disk" means here. Results go to `<out>/hub_throughput.j
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -40,7 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +45,10 @@ import httpx
 
 from fedem.client import HubAPIError, HubClient
 from fedem.client.hub_client import sha256_file
+from machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
+HUB_PACKAGES = ("fastapi", "uvicorn", "starlette", "httpx", "sqlalchemy")
 MB, MIB = 1_000_000, 1 << 20
 
 
@@ -88,31 +87,6 @@ def _filesystem(path: Path) -> str:
         if str(path.resolve()).startswith(point) and len(point) > len(best):
             best, kind = point, fstype
     return kind
-
-
-def machine_info(tmp: Path) -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        cpu = platform.processor() or cpu
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
-        "python": platform.python_version(),
-        "packages": {p: version(p) for p in ("fastapi", "uvicorn", "starlette", "httpx", "sqlalchemy")},
-        "platform": platform.platform(),
-        "tmp": str(tmp),
-        "tmp_filesystem": _filesystem(tmp),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average_start": list(os.getloadavg()),
-    }
 
 
 class Server:
@@ -403,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = int(args.size_mb * MB)
     with tempfile.TemporaryDirectory(prefix="fedem-hub-bench-", dir=args.tmp) as tmp:
         work = Path(tmp)
-        machine = machine_info(work)
+        machine = machine_info(HUB_PACKAGES, tmp=str(work), tmp_filesystem=_filesystem(work))
         server = Server(work / "hub", work / "hub.log", max(2 * size, 4 << 30))
         try:
             admin = HubClient(server.url, server.token)

@@ -20,10 +20,8 @@ Results go to `<out>/serve_latency.json` and `.md`.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -32,43 +30,16 @@ import sys
 import tempfile
 import threading
 import time
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from machine import machine_info
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "runs" / "demo" / "seshu-small"
 PROMPT = "English: The weather is pleasant today, so we will walk to the market.\nHindi:"
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30), 1),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        "packages": {p: version(p) for p in ("fastapi", "uvicorn", "httpx")},
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average_start": list(os.getloadavg()),
-    }
 
 
 class Server:
@@ -246,9 +217,11 @@ def main() -> int:
     if not (args.model / "config.json").is_file():
         parser.error(f"no checkpoint at {args.model} (pass --model DIR)")
 
+    import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    machine = machine_info()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    machine = machine_info(("fastapi", "uvicorn", "httpx"), gpu=gpu)
     config = AutoConfig.from_pretrained(args.model)
     prompt_tokens = len(AutoTokenizer.from_pretrained(args.model)(PROMPT)["input_ids"])
     with tempfile.TemporaryDirectory() as tmp:

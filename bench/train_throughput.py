@@ -24,33 +24,38 @@ chunked scan is timed again at that batch, so that every ratio compares like wit
 """
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
 import sys
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
-from importlib.metadata import version
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from machine import machine_info, memory_available
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"hidden_size": 256, "num_hidden_layers": 12, "state_size": 64, "head_dim": 64, "chunk_size": 64}
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "head_dim": 16, "chunk_size": 16}
+# A LlamaForCausalLM with seshu-small's parameter count (7.16M vs 7.23M at vocabulary 8,000): the
+# attention baseline of bench/vs_llama.py, measured by this harness under the path name "llama".
+LLAMA = {"hidden_size": 256, "num_hidden_layers": 6, "intermediate_size": 768, "num_attention_heads": 4}
+LLAMA_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2}
 VOCAB = 16_000
 MIB, GIB = 1 << 20, 1 << 30
-ENV_PREFIXES = ("OMP_", "MKL_", "KMP_", "MALLOC_", "PYTORCH_", "ATEN_")  # recorded: they change the figures
 
 
 @dataclass(frozen=True)
 class Job:
-    """One (scan path, length, batch) configuration, measured in its own process."""
+    """One (scan path, length, batch) configuration, measured in its own process.
+
+    `path` is a `SCANS` name, or "llama" for the attention model of `size` (a LlamaConfig's fields).
+    """
 
     path: str
     length: int
@@ -58,7 +63,7 @@ class Job:
     warmup: int
     steps: int
     budget_s: float
-    size: dict[str, int]
+    size: dict[str, Any]  # SeshuSize fields, or LlamaConfig fields for path "llama"
     vocab: int
     threads: int
     mem_limit_bytes: int  # RLIMIT_AS of the child; 0 = none
@@ -80,19 +85,35 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def build(job: Job) -> Any:
+    """The model `job` trains: a Seshu of `job.size`, or for path "llama" a LlamaForCausalLM of it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedem.model.seshu import SeshuSize, build_model
+
+    if job.path == "llama":
+        config = LlamaConfig(
+            vocab_size=job.vocab, tie_word_embeddings=True, max_position_embeddings=job.length, **job.size
+        )
+        return LlamaForCausalLM(config)
+    return build_model(SeshuSize(**job.size), _Vocab(job.vocab))  # type: ignore[arg-type]
+
+
 def measure(job: Job) -> dict[str, Any]:
     """Build the model, warm up, time `job.steps` steps (fewer if the budget runs out); in the child."""
+    import contextlib
+
     import torch
     from transformers.utils import logging
 
     from fedem.model.scan import use_scan
-    from fedem.model.seshu import SeshuSize, build_model, count_parameters
+    from fedem.model.seshu import count_parameters
 
     logging.set_verbosity_error()  # the stock scan warns once that mamba_ssm is missing; expected on CPU
     if job.threads:
         torch.set_num_threads(job.threads)
     torch.manual_seed(0)
-    model = build_model(SeshuSize(**job.size), _Vocab(job.vocab))  # type: ignore[arg-type]
+    model = build(job)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     ids = torch.randint(3, job.vocab, (job.batch, job.length))
@@ -107,7 +128,7 @@ def measure(job: Job) -> dict[str, Any]:
         return float(loss.detach())
 
     step_seconds: list[float] = []
-    with use_scan(job.path):
+    with contextlib.nullcontext() if job.path == "llama" else use_scan(job.path):
         start = time.perf_counter()
         for _ in range(job.warmup):
             step()
@@ -227,46 +248,6 @@ def run_until_it_fits(job: Job, notes: list[str]) -> dict[str, Any]:
             return result
         notes.append(f"length {job.length}: {job.path} at batch {job.batch} ran out of memory; halved")
         job = replace(job, batch=job.batch // 2)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _mem_available() -> int:
-    """Bytes the kernel reports as available (0 if unknown)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def machine_info() -> dict[str, Any]:
-    """Where and with what the figures were taken. Reads versions without importing torch, so that this
-    process stays small: a spawned child starts from its parent's peak RSS (Linux keeps it across exec)."""
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
-        "memory_available_gib": round(_mem_available() / GIB, 1),
-        "python": platform.python_version(),
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "load_average_start": list(os.getloadavg()),
-        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)},
-    }
 
 
 def summarise(results: list[dict[str, Any]], lengths: list[int]) -> list[dict[str, Any]]:
@@ -396,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size = TINY if args.quick else SMALL
     vocab = 1000 if args.quick else VOCAB
     if args.mem_limit_gib is None:
-        mem_limit = int(0.8 * _mem_available())
+        mem_limit = int(0.8 * memory_available())
     else:
         mem_limit = int(args.mem_limit_gib * GIB)
     machine = machine_info()

@@ -133,15 +133,25 @@ def _run(model_dir: Path, data_dir: Path, out: Path) -> dict:
     )
 
 
+def _without_speed(results: dict) -> dict:
+    return {key: value for key, value in results.items() if key != "speed"}
+
+
+def _markdown_without_speed(folder: Path) -> str:
+    lines = (folder / "report.md").read_text(encoding="utf-8").splitlines()
+    return "\n".join(line for line in lines if not line.startswith("- scoring speed:"))
+
+
 def test_evaluate_writes_deterministic_reports(tiny_model_dir, data_dir, tmp_path) -> None:
+    """Everything but the measured speed is identical between two runs."""
     first = _run(tiny_model_dir, data_dir, tmp_path / "a")
     second = _run(tiny_model_dir, data_dir, tmp_path / "b")
-    assert first == second
-    for name in ("report.json", "report.md"):
-        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    assert _without_speed(first) == _without_speed(second)
+    assert _markdown_without_speed(tmp_path / "a") == _markdown_without_speed(tmp_path / "b")
 
     report = json.loads((tmp_path / "a" / "report.json").read_text(encoding="utf-8"))
     assert report == first
+    assert report["speed"]["device"] == "cpu" and report["speed"]["tokens_per_second"] > 0
     for code in ("hi", "ta"):
         entry = report["language_modelling"][code]
         assert entry["lines"] == 10 and entry["bpb"] > 0 and entry["perplexity"] > 1
@@ -149,12 +159,22 @@ def test_evaluate_writes_deterministic_reports(tiny_model_dir, data_dir, tmp_pat
         entry = report["translation"][key]
         assert entry["pairs"] == 3 and 0 <= entry["chrf"] <= 100 and 0 <= entry["bleu"] <= 100
         assert "tok:13a" in entry["bleu_signature"]
-    assert set(report["summary"]) == {"mean_bpb", "mean_chrf", "mean_bleu"}
+    assert set(report["summary"]) == {"mean_bpb", "mean_flores_bpb", "mean_chrf", "mean_bleu"}
+    assert list(report["flores"]) == ["en", "hi", "ta"]  # each side of the 3 test pairs
+    assert report["flores"]["en"]["premium"] == 1.0 and report["flores"]["hi"]["lines"] == 3
+    assert report["model_info"]["architecture"] == "Mamba2ForCausalLM"
 
     markdown = (tmp_path / "a" / "report.md").read_text(encoding="utf-8")
     assert markdown == markdown_report(first)
     assert "| model | hi | ta | mean |" in markdown and "| model | en-hi | en-ta | mean |" in markdown
-    for heading in ("Bits per byte", "Perplexity", "chrF", "BLEU"):
+    for heading in (
+        "Bits per byte",
+        "Perplexity",
+        "Bits per byte on FLORES",
+        "Tokenizer premium",
+        "chrF",
+        "BLEU",
+    ):
         assert f"## {heading}" in markdown
     provenance = json.loads((tmp_path / "a" / "fedem.json").read_text(encoding="utf-8"))
     assert provenance["command"] == "evaluate" and provenance["config"]["max_pairs"] == 3

@@ -9,6 +9,7 @@ machine-readable summary as the last line of stdout. Logs and progress bars go t
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -120,15 +121,32 @@ def cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
         weights=args.weights,
         density=args.density,
         seed=args.seed,
+        clip=args.clip,
+        trim=args.trim,
     )
+
+
+def _clip_bound(text: str) -> float | str:
+    """`--clip median`, or a positive number: the largest ‖ΔW‖ an adapter keeps."""
+    if text == "median":
+        return text
+    try:
+        bound = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'median' or a positive number, not {text!r}") from None
+    if not 0 < bound < float("inf"):
+        raise argparse.ArgumentTypeError(f"the bound must be a positive number, not {text!r}")
+    return bound
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from fedem.evaluate import evaluate
 
     return evaluate(
-        model_dir=args.model,
+        model=args.model,
         out=args.out,
+        gguf_file=args.gguf,
+        translate_pairs=args.translate_pairs,
         adapter=args.adapter,
         mono=args.mono,
         pairs=args.pairs,
@@ -137,6 +155,21 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         max_pairs=args.max_pairs,
         directions=(args.directions,),
         batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def cmd_lm_eval_tasks(args: argparse.Namespace) -> dict[str, Any]:
+    from fedem.lm_eval_tasks import export_lm_eval_tasks
+
+    return export_lm_eval_tasks(
+        out=args.out,
+        mono=args.mono,
+        pairs=args.pairs,
+        languages=args.languages,
+        max_lines=args.max_lines,
+        max_pairs=args.max_pairs,
+        directions=(args.directions,),
         max_new_tokens=args.max_new_tokens,
     )
 
@@ -172,10 +205,13 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> dict[str, Any]:
     import uvicorn
 
+    from fedem.model.load import local_folder
     from fedem.serve import create_serve_app
 
+    model_dir = local_folder(args.model, args.hub or os.environ.get("FEDEM_HUB"))
+    name = args.name or (None if Path(args.model).is_dir() else args.model)  # a repo is named as given
     app = create_serve_app(
-        args.model, args.adapter, model_name=args.name, max_context=args.max_context, max_queue=args.max_queue
+        model_dir, args.adapter, model_name=name, max_context=args.max_context, max_queue=args.max_queue
     )
     name = app.state.served.name
     log.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
@@ -197,6 +233,19 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.batch_size=4"
     )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+
+def _add_eval_data(parser: argparse.ArgumentParser) -> None:
+    """The held-out data flags `evaluate` and `lm-eval-tasks` share, so both pick the same lines."""
+    parser.add_argument("--mono", type=Path, default=Path("data/mono"), help="folder with <lang>.valid.txt")
+    parser.add_argument(
+        "--pairs", type=Path, default=Path("data/parallel"), help="folder with en-<lang>.test.tsv"
+    )
+    parser.add_argument("--languages", type=_languages)
+    parser.add_argument("--max-lines", type=int, default=200, help="held-out lines per language")
+    parser.add_argument("--max-pairs", type=int, default=50, help="FLORES test pairs per language")
+    parser.add_argument("--directions", choices=["en-xx", "xx-en", "both"], default="en-xx")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="translation length cap")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,31 +303,39 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument(
         "--method",
         default="linear",
-        choices=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"],
+        choices=["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "median", "trimmed_mean"],
     )
     mrg.add_argument("--weights", type=float, nargs="+", help="one weight per adapter")
     mrg.add_argument("--density", type=float, help="fraction of ΔW entries kept (ties, dare_*)")
+    mrg.add_argument("--trim", type=float, help="fraction of adapters cut from each end (trimmed_mean)")
+    mrg.add_argument(
+        "--clip",
+        type=_clip_bound,
+        help="first clip each adapter's ‖ΔW‖ to 'median' (of the adapters') or to this bound",
+    )
     mrg.add_argument("--seed", type=int, default=0, help="DARE's random drop")
     mrg.add_argument("--out", type=Path, required=True)
     _add_common(mrg)
     mrg.set_defaults(handler=cmd_merge)
 
     ev = commands.add_parser("evaluate", help="bits-per-byte and perplexity per language, chrF/BLEU")
-    ev.add_argument("--model", type=Path, required=True)
-    ev.add_argument("--adapter", type=Path)
-    ev.add_argument("--mono", type=Path, default=Path("data/mono"), help="folder with <lang>.valid.txt")
     ev.add_argument(
-        "--pairs", type=Path, default=Path("data/parallel"), help="folder with en-<lang>.test.tsv"
+        "--model", required=True, help="checkpoint folder, .gguf file, or hub repo org/name[@revision]"
     )
-    ev.add_argument("--languages", type=_languages)
-    ev.add_argument("--max-lines", type=int, default=200, help="held-out lines per language")
-    ev.add_argument("--max-pairs", type=int, default=50, help="test pairs per language for chrF/BLEU")
-    ev.add_argument("--directions", choices=["en-xx", "xx-en", "both"], default="en-xx")
+    ev.add_argument("--gguf", help="a GGUF file inside the --model folder or hub repo")
+    ev.add_argument("--adapter", type=Path)
+    _add_eval_data(ev)
+    ev.add_argument("--translate-pairs", type=int, help="translate only the first N of --max-pairs")
     ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--max-new-tokens", type=int, default=128, help="translation length cap")
     ev.add_argument("--out", type=Path)
     _add_common(ev)
     ev.set_defaults(handler=cmd_evaluate)
+
+    lmt = commands.add_parser("lm-eval-tasks", help="write fedem's evaluation as lm-evaluation-harness tasks")
+    _add_eval_data(lmt)
+    lmt.add_argument("--out", type=Path, required=True, help="folder for the task YAMLs (--include_path)")
+    _add_common(lmt)
+    lmt.set_defaults(handler=cmd_lm_eval_tasks)
 
     gen = commands.add_parser("generate", help="generate text, streaming to the terminal")
     gen.add_argument("--model", type=Path, required=True)
@@ -296,7 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=cmd_generate, show_summary=False)  # the text was already streamed
 
     srv = commands.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
-    srv.add_argument("--model", type=Path, required=True, help="checkpoint folder")
+    srv.add_argument("--model", required=True, help="checkpoint folder, or hub repo org/name[@revision]")
+    srv.add_argument(
+        "--hub", help="the hub a repo --model comes from (default: $FEDEM_HUB, else HF_ENDPOINT)"
+    )
     srv.add_argument("--adapter", type=Path, help="LoRA adapter folder, merged into the model")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8080)

@@ -2,7 +2,14 @@
 
 Bits-per-byte (bpb) is the headline metric because it compares across tokenizers and scripts:
 a line's total negative log-likelihood in nats, divided by ln 2 and by the line's UTF-8 byte count.
-Perplexity is per token, so it is only comparable between models that share a tokenizer.
+Perplexity is per token, so it is only comparable between models that share a tokenizer. The
+definition is lm-evaluation-harness's `bits_per_byte` for `loglikelihood_rolling` tasks (one line a
+document, scored after a BOS — or EOS — prefix, newline not counted), so `lm_eval` on the tasks
+`fedem lm-eval-tasks` writes reproduces these numbers (fedem/lm_eval_tasks.py, docs/compare.md).
+
+Any causal LM can be evaluated — a Seshu checkpoint, another HF folder, a hub repo, a GGUF file — and
+each report also gives the model's parameter count, its tokenizer premium per language (tokens for
+a FLORES sentence ÷ tokens for its English side) and its scoring speed on this machine.
 
 Translation is scored with sacrebleu: chrF (character n-grams, robust for Indic morphology and the
 primary translation metric here) and BLEU with sacrebleu's default '13a' tokenisation. The FLORES-200
@@ -13,6 +20,7 @@ SentencePiece tokenisation ('flores200', spBLEU) would suit Indic targets better
 import math
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +29,7 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn.functional as F
 from sacrebleu.metrics import BLEU, CHRF
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from fedem.data.corpus import Pair, load_mono, read_pairs, test_pairs_path
 from fedem.data.packing import IGNORE_INDEX, pad_batch
@@ -29,6 +37,9 @@ from fedem.data.prompts import translation_prompt
 from fedem.errors import UserError
 from fedem.generate import generate_ids, load_for_inference
 from fedem.languages import LANGUAGES, language
+from fedem.model.fertility import premium, tokenizer_counter
+from fedem.model.load import ModelSource, load_pretrained, model_source
+from fedem.model.seshu import count_parameters
 from fedem.provenance import write_json_atomic, write_provenance
 
 SEED = 0
@@ -78,18 +89,20 @@ def score_lines(
     """Negative log-likelihood of each line given only BOS, summed over `lines`.
 
     Each line is scored on its own (as `[BOS] + tokens`, every text token predicted), so the result
-    does not depend on batching or order. Lines longer than `max_length` tokens are truncated, and
-    their byte count is that of the text the kept tokens cover.
+    does not depend on batching or order. A tokenizer without BOS uses EOS, as lm-evaluation-harness
+    does. Lines longer than `max_length` tokens are truncated, and their byte count is that of the
+    text the kept tokens cover.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     encoded = [tokenizer(line, add_special_tokens=False)["input_ids"] for line in lines]
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     rows = []
     byte_count = 0
     for line, ids in zip(lines, encoded, strict=True):
         kept = ids[: max_length - 1]
-        rows.append([tokenizer.bos_token_id, *kept])
+        rows.append([prefix, *kept])
         covered = line if len(kept) == len(ids) else cast(str, tokenizer.decode(kept))
         byte_count += len(covered.encode("utf-8"))
     rows.sort(key=len)  # similar lengths together: less padding per batch
@@ -234,13 +247,51 @@ def _check_limits(max_lines: int | None, max_pairs: int, batch_size: int, max_ne
 # --- the evaluate command ----------------------------------------------------------------------------
 
 
+def flores_text(test_pairs: dict[str, list[Pair]]) -> dict[str, list[str]]:
+    """Each language's side of the test pairs, English first (FLORES is multi-way parallel: every
+    `en-<lang>.test.tsv` holds the same English sentences, so the first file's English side serves)."""
+    if not test_pairs:
+        return {}
+    first = next(iter(test_pairs.values()))
+    return {
+        "en": [p.english for p in first],
+        **{code: [p.other for p in pairs] for code, pairs in test_pairs.items()},
+    }
+
+
+@dataclass
+class Throughput:
+    """Tokens and bytes scored, and the seconds it took: the model's scoring speed on this machine."""
+
+    tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def report(self, device: torch.device) -> dict[str, Any]:
+        return {
+            "device": device.type,
+            "threads": torch.get_num_threads(),
+            "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds else None,
+            "bytes_per_second": round(self.bytes / self.seconds, 1) if self.seconds else None,
+        }
+
+
 def language_modelling(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: dict[str, list[str]], batch_size: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    text: dict[str, list[str]],
+    batch_size: int,
+    throughput: Throughput | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """bpb and per-token perplexity for each language's held-out lines."""
+    """bpb and per-token perplexity for each language's lines; scoring time is added to `throughput`."""
     results = {}
     for code, lines in text.items():
+        started = time.perf_counter()
         score = score_lines(model, tokenizer, lines, batch_size=batch_size)
+        if throughput is not None:
+            throughput.seconds += time.perf_counter() - started
+            throughput.tokens += score.tokens
+            throughput.bytes += score.bytes
         results[code] = {
             "bpb": round(score.bits_per_byte, 6),
             "perplexity": round(score.perplexity, 4),
@@ -249,6 +300,15 @@ def language_modelling(
             "bytes": score.bytes,
         }
     return results
+
+
+def tokenizer_premium(
+    tokenizer: PreTrainedTokenizerBase, test_pairs: dict[str, list[Pair]]
+) -> dict[str, float]:
+    """Tokens for each language's side of the test pairs ÷ tokens for the English side (English: 1.0)."""
+    count = tokenizer_counter(cast(PreTrainedTokenizerFast, tokenizer))
+    premiums = {code: round(premium(count, pairs), 4) for code, pairs in test_pairs.items()}
+    return {"en": 1.0, **premiums} if premiums else {}
 
 
 def translation(
@@ -279,15 +339,33 @@ def translation(
 def _summary(results: dict[str, Any]) -> dict[str, float]:
     """Unweighted means over languages / directions (perplexity is left out: per-token, not comparable)."""
     summary = {}
-    for section, metric in [("language_modelling", "bpb"), ("translation", "chrf"), ("translation", "bleu")]:
+    for section, metric, name in [
+        ("language_modelling", "bpb", "mean_bpb"),
+        ("flores", "bpb", "mean_flores_bpb"),
+        ("translation", "chrf", "mean_chrf"),
+        ("translation", "bleu", "mean_bleu"),
+    ]:
         values = [entry[metric] for entry in results.get(section, {}).values()]
         if values:
-            summary[f"mean_{metric}"] = round(sum(values) / len(values), 6)
+            summary[name] = round(sum(values) / len(values), 6)
     return summary
 
 
+def _load(source: ModelSource, adapter: Path | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model ready for evaluation: an adapter is merged (only onto a checkpoint folder, whose
+    weights its recorded base can be checked against); on the GPU when there is one."""
+    if adapter is not None:
+        if source.kind != "folder":
+            raise UserError(f"--adapter needs a checkpoint folder as --model, not {source.kind} {source}")
+        return load_for_inference(Path(source.location), adapter)
+    model, tokenizer = load_pretrained(source)
+    cast(torch.nn.Module, model).to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    return model, tokenizer
+
+
 def evaluate(
-    model_dir: Path,
+    model: str | Path,
     out: Path | None,
     adapter: Path | None = None,
     mono: Path | None = None,
@@ -298,34 +376,63 @@ def evaluate(
     directions: Sequence[str] = ("en-xx",),
     batch_size: int = 16,
     max_new_tokens: int = 128,
+    gguf_file: str | None = None,
+    translate_pairs: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint (optionally with a LoRA adapter) on held-out text and translation pairs.
+    """Evaluate a causal LM (optionally with a LoRA adapter) on held-out text and FLORES test pairs.
 
-    Deterministic: torch is seeded, the lines and pairs are the first N of fixed files, and decoding
-    is greedy; the report holds no timestamps, so two runs give identical files. All inputs are read
-    before the model is loaded, so a wrong path or language fails in a second, not after loading.
+    `model` is a checkpoint folder, a `.gguf` file, or a hub repo `org/name[@revision]`
+    (`gguf_file` picks a GGUF file inside a folder or repo). With test pairs, each language's FLORES
+    side is also scored for bpb and the tokenizer premium, and the first `translate_pairs` (default:
+    all `max_pairs`) are translated for chrF/BLEU; `translate_pairs=0` skips translation.
+
+    Deterministic apart from `speed`: torch is seeded, the lines and pairs are the first N of fixed
+    files, and decoding is greedy; the report holds no timestamps. All inputs are read before the
+    model is loaded, so a wrong path or language fails in a second, not after loading.
     """
     if mono is None and pairs is None:
         raise UserError("nothing to evaluate: give held-out text (--mono) and/or test pairs (--pairs)")
     for code in languages or []:
         language(code)
     _check_limits(max_lines, max_pairs, batch_size, max_new_tokens)
+    if translate_pairs is not None and not 0 <= translate_pairs <= max_pairs:
+        raise UserError(
+            f"translate_pairs must be between 0 and max_pairs ({max_pairs}), not {translate_pairs}"
+        )
     wanted = expand_directions(directions)
+    source = model_source(model, gguf_file)
     text = held_out_text(mono, languages, max_lines) if mono is not None else None
     test_pairs = held_out_pairs(pairs, languages, max_pairs) if pairs is not None else None
     torch.manual_seed(SEED)
-    model, tokenizer = load_for_inference(model_dir, adapter)
+    loaded, tokenizer = _load(source, adapter)
+    n_translate = max_pairs if translate_pairs is None else translate_pairs
     settings = {
         "languages": languages, "max_lines": max_lines, "max_pairs": max_pairs, "directions": wanted,
-        "batch_size": batch_size, "max_new_tokens": max_new_tokens, "seed": SEED,
-        "decoding": "greedy", "bleu_tokenize": BLEU_TOKENIZE,
+        "translate_pairs": n_translate, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+        "seed": SEED, "decoding": "greedy", "bleu_tokenize": BLEU_TOKENIZE,
     }  # fmt: skip
-    results: dict[str, Any] = {"model": str(model_dir), "adapter": str(adapter) if adapter else None}
+    results: dict[str, Any] = {"model": str(source), "adapter": str(adapter) if adapter else None}
     results["settings"] = settings
+    results["model_info"] = {
+        "source": source.kind,
+        "architecture": type(loaded).__name__,
+        "parameters": count_parameters(loaded),
+        "vocab_size": len(tokenizer),
+    }
+    throughput = Throughput()
     if text is not None:
-        results["language_modelling"] = language_modelling(model, tokenizer, text, batch_size)
+        results["language_modelling"] = language_modelling(loaded, tokenizer, text, batch_size, throughput)
     if test_pairs is not None:
-        results["translation"] = translation(model, tokenizer, test_pairs, wanted, batch_size, max_new_tokens)
+        flores = language_modelling(loaded, tokenizer, flores_text(test_pairs), batch_size, throughput)
+        for code, value in tokenizer_premium(tokenizer, test_pairs).items():
+            flores[code]["premium"] = value
+        results["flores"] = flores
+        if n_translate:
+            subset = {code: pairs[:n_translate] for code, pairs in test_pairs.items()}
+            results["translation"] = translation(
+                loaded, tokenizer, subset, wanted, batch_size, max_new_tokens
+            )
+    results["speed"] = throughput.report(next(loaded.parameters()).device)
     results["summary"] = _summary(results)
     if out is not None:
         write_report(
@@ -340,12 +447,12 @@ def evaluate(
 def write_report(out: Path, results: dict[str, Any], inputs: dict[str, Any]) -> None:
     """`report.json`, `report.md` and provenance in `out`, each written atomically."""
     write_json_atomic(out / "report.json", results)
-    _write_text_atomic(out / "report.md", markdown_report(results))
+    write_text_atomic(out / "report.md", markdown_report(results))
     config = {"model": results["model"], "adapter": results["adapter"], **inputs, **results["settings"]}
     write_provenance(out, "evaluate", config)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -364,6 +471,14 @@ METRICS = [  # (section, key, heading, digits, with a mean column)
         "language_modelling",
         "perplexity",
         "Perplexity per token (lower is better; same tokenizer only)",
+        2,
+        False,
+    ),
+    ("flores", "bpb", "Bits per byte on FLORES test sentences (lower is better)", 4, True),
+    (
+        "flores",
+        "premium",
+        "Tokenizer premium: tokens ÷ tokens of the English side (lower is fairer)",
         2,
         False,
     ),
@@ -404,11 +519,27 @@ def markdown_report(results: dict[str, Any]) -> str:
 
 def _notes(results: dict[str, Any]) -> list[str]:
     settings = results["settings"]
+    info, speed = results["model_info"], results["speed"]
     notes = ["## Settings", ""]
+    notes.append(
+        f"- model: {info['architecture']} ({info['source']}), {info['parameters']:,} parameters, "
+        f"vocabulary {info['vocab_size']:,}"
+    )
+    if speed["tokens_per_second"] is not None:
+        notes.append(
+            f"- scoring speed: {speed['tokens_per_second']:,.0f} tokens/s, {speed['bytes_per_second']:,.0f} "
+            f"bytes/s ({speed['device']}, {speed['threads']} threads; varies from run to run)"
+        )
     if "language_modelling" in results:
         notes.append(f"- held-out text: first {settings['max_lines'] or 'all'} lines of `<lang>.valid.txt`")
+    if "flores" in results:
+        notes.append(
+            f"- FLORES: first {settings['max_pairs']} pairs of `en-<lang>.test.tsv`, each side scored"
+        )
     if "translation" in results:
         first = next(iter(results["translation"].values()))
-        notes.append(f"- translation: first {settings['max_pairs']} pairs of `en-<lang>.test.tsv`, greedy")
+        notes.append(
+            f"- translation: first {settings['translate_pairs']} pairs of `en-<lang>.test.tsv`, greedy"
+        )
         notes.append(f"- sacrebleu: `{first['chrf_signature']}`, `{first['bleu_signature']}`")
     return notes

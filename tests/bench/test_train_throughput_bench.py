@@ -155,3 +155,44 @@ def test_out_of_memory_halves_the_batch_and_retimes_chunked(tmp_path: Path, monk
     assert by_length[1024]["batch"] == 2 and by_length[1024]["same_batch"] is True
     assert by_length[1024]["speedup"] == 10.0
     assert (tmp_path / "train_throughput.md").is_file()
+
+
+def test_vs_llama_quick_run_reports_ratios_against_the_targets(tmp_path: Path) -> None:
+    """`bench/vs_llama.py --quick`: Llama, stock-scan and ssd-scan Seshu each train in a child process."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "vs_llama.py"), "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "vs_llama.json").read_text(encoding="utf-8"))
+    assert (out / "vs_llama.md").read_text(encoding="utf-8").startswith("# Training: seshu-small vs")
+    assert [r["path"] for r in report["results"]] == ["llama", "chunked", "ssd"]
+    for result in report["results"]:
+        assert "error" not in result, result
+        assert result["tokens_per_s"] > 0 and result["peak_rss_mib"] > 0
+    assert set(report["parameters"]) == {"llama", "chunked", "ssd"}
+    rows = {row["path"]: row for row in report["summary"]}
+    assert rows["ssd"]["speed_vs_llama"] > 0 and rows["ssd"]["memory_vs_llama"] > 0
+    assert rows["ssd / chunked"]["speed_vs_chunked"] > 0
+
+
+def test_vs_llama_verdicts_say_by_how_much_a_target_is_missed() -> None:
+    spec = importlib.util.spec_from_file_location("vs_llama", REPO / "bench" / "vs_llama.py")
+    assert spec is not None and spec.loader is not None
+    vs_llama = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs_llama)
+    assert vs_llama.verdict(0.6, 0.8, at_least=True) == "0.60× (target ≥ 0.8×: missed by 25%)"
+    assert vs_llama.verdict(1.0, 0.8, at_least=True) == "1.00× (target ≥ 0.8×: met)"
+    assert vs_llama.verdict(1.56, 1.3, at_least=False) == "1.56× (target ≤ 1.3×: missed by 20%)"
+    assert vs_llama.verdict(None, 1.3, at_least=False) == "—"
+    llama = {"path": "llama", "length": 512, "tokens_per_s": 1000.0, "peak_rss_mib": 2000.0}
+    ssd = {"path": "ssd", "length": 512, "tokens_per_s": 900.0, "peak_rss_mib": 2200.0}
+    chunked = {"path": "chunked", "length": 512, "error": "MemoryError"}
+    rows = vs_llama.summarise([llama, chunked, ssd], [512])
+    assert rows[0]["speed_vs_llama"] is None  # the failed run has no ratio
+    assert rows[1]["speed_vs_llama"] == 0.9 and rows[1]["memory_vs_llama"] == 1.1
+    assert rows[1]["speed_target"] == 0.8 and rows[1]["memory_target"] == 1.3

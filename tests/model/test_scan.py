@@ -1,13 +1,19 @@
-"""The sequential reference scan agrees with transformers' chunked scan, and `use_scan` swaps it in."""
+"""Every scan path agrees with the sequential reference, forward and all gradients; `use_scan` swaps
+paths; fedem's lean-backward scan is installed by default and saves only inputs and chunk states."""
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.models.mamba2 import modeling_mamba2
 
-from fedem.model.scan import CHUNKED_SCAN, SCANS, sequential_scan, use_scan
+from fedem.model.scan import CHUNKED_SCAN, DEFAULT_SCAN, SCANS, sequential_scan, ssd_scan, use_scan
 from fedem.model.seshu import SeshuSize, build_model
+from fedem.model.ssd import ChunkedScan
 
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-4}
 
@@ -23,6 +29,7 @@ class Case:
     head_dim: int = 8
     state: int = 16
     chunk: int = 16
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
 
 
 CASES = [
@@ -31,6 +38,9 @@ CASES = [
     Case(batch=2, length=32, groups=1, initial_states=True, skip=False),
     Case(batch=1, length=5, groups=2, initial_states=False, skip=True),
     Case(batch=2, length=70, groups=4, initial_states=True, skip=True, chunk=32),
+    Case(batch=1, length=1, groups=1, initial_states=True, skip=True),  # one step: a generation prefill
+    Case(batch=2, length=40, groups=3, initial_states=True, skip=True, heads=6, head_dim=4, state=5, chunk=8),
+    Case(batch=2, length=45, groups=2, initial_states=False, skip=True, dt_limit=(0.05, 0.9)),
 ]
 
 
@@ -69,7 +79,7 @@ def run_scan(fn, case: Case, inputs: dict[str, torch.Tensor]):
         **inputs,
         chunk_size=case.chunk,
         dt_softplus=True,
-        dt_limit=(0.0, float("inf")),
+        dt_limit=case.dt_limit,
         return_final_states=True,
     )
     g = torch.Generator().manual_seed(1)
@@ -80,13 +90,19 @@ def run_scan(fn, case: Case, inputs: dict[str, torch.Tensor]):
     return y, final, dict(zip(inputs, grads, strict=True))
 
 
+def case_id(case: Case) -> str:
+    limit = "-limit" if case.dt_limit[0] > 0 else ""
+    return f"b{case.batch}-l{case.length}-h{case.heads}g{case.groups}-q{case.chunk}{limit}"
+
+
+@pytest.mark.parametrize("scan", ["chunked", "ssd"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c.batch}-l{c.length}-g{c.groups}")
-def test_sequential_matches_chunked(case: Case, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_scan_matches_sequential(scan: str, case: Case, dtype: torch.dtype) -> None:
     tol = TOLERANCE[dtype]
     inputs = make_inputs(case, dtype)
     y_ref, final_ref, grads_ref = run_scan(sequential_scan, case, inputs)
-    y, final, grads = run_scan(CHUNKED_SCAN, case, inputs)
+    y, final, grads = run_scan(SCANS[scan], case, inputs)
 
     assert y_ref.shape == y.shape == inputs["hidden_states"].shape
     assert final_ref.shape == final.shape == (case.batch, case.heads, case.head_dim, case.state)
@@ -98,24 +114,116 @@ def test_sequential_matches_chunked(case: Case, dtype: torch.dtype) -> None:
         assert rel_err(grads[name], grad_ref) <= tol, name
 
 
-def test_sequential_without_final_states_returns_output_only() -> None:
+@pytest.mark.parametrize("scan", ["sequential", "ssd"])
+def test_without_final_states_returns_output_only(scan: str) -> None:
+    """The training path: only y is asked for, so backward gets no gradient for the final state."""
     case = CASES[1]
     inputs = make_inputs(case, torch.float64)
-    y = sequential_scan(**inputs, chunk_size=case.chunk, dt_softplus=True)
+    y = SCANS[scan](**inputs, chunk_size=case.chunk, dt_softplus=True)
     assert isinstance(y, torch.Tensor)
     assert y.shape == inputs["hidden_states"].shape
+    y_ref = sequential_scan(**inputs, chunk_size=case.chunk, dt_softplus=True)
+    grads = torch.autograd.grad(y.square().sum(), list(inputs.values()))
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), list(inputs.values()))
+    for name, grad, grad_ref in zip(inputs, grads, grads_ref, strict=True):
+        assert rel_err(grad, grad_ref) <= 1e-10, name
 
 
-def test_sequential_refuses_gating_and_packing() -> None:
+def test_ssd_gradient_of_the_final_state_alone() -> None:
+    """Backward with no gradient for y (only the final state used), against the reference."""
+    case = CASES[6]
+    inputs = make_inputs(case, torch.float64)
+    kwargs = {"chunk_size": case.chunk, "dt_softplus": True, "return_final_states": True}
+    _, final = ssd_scan(**inputs, **kwargs)
+    _, final_ref = sequential_scan(**inputs, **kwargs)
+    grads = torch.autograd.grad(final.sum(), list(inputs.values()), allow_unused=True)
+    grads_ref = torch.autograd.grad(final_ref.sum(), list(inputs.values()), allow_unused=True)
+    for name, grad, grad_ref in zip(inputs, grads, grads_ref, strict=True):
+        if grad_ref is None:  # D only reaches y
+            assert grad is None or float(grad.abs().max()) == 0.0, name
+            continue
+        assert rel_err(grad, grad_ref) <= 1e-10, name
+
+
+def test_chunked_scan_gradcheck() -> None:
+    """torch's finite-difference check of the hand-written backward, in float64, on a tiny shape."""
+    g = torch.Generator().manual_seed(3)
+    b, length, heads, head_dim, groups, state, chunk = 2, 7, 4, 3, 2, 5, 3
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x = randn(b, length, heads, head_dim).requires_grad_()
+    delta = F.softplus(randn(b, length, heads)).detach().requires_grad_()
+    A = (-torch.exp(randn(heads))).requires_grad_()
+    B = randn(b, length, groups, state).requires_grad_()
+    C = randn(b, length, groups, state).requires_grad_()
+    initial = randn(b, heads, head_dim, state).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda *args: ChunkedScan.apply(*args, chunk), (x, delta, A, B, C, initial)
+    )
+    assert torch.autograd.gradcheck(lambda *args: ChunkedScan.apply(*args, None, chunk), (x, delta, A, B, C))
+
+
+def test_bfloat16_inputs_get_gradients_in_their_dtype() -> None:
+    case = CASES[1]
+    inputs = make_inputs(case, torch.bfloat16)
+    y, final = ssd_scan(**inputs, chunk_size=case.chunk, dt_softplus=True, return_final_states=True)
+    assert y.dtype == final.dtype == torch.float32  # computed in float32, as the stock scan does
+    grads = torch.autograd.grad(y.sum() + final.sum(), list(inputs.values()))
+    assert all(grad.dtype == torch.bfloat16 for grad in grads)
+
+
+def saved_bytes(scan: str, case: Case) -> int:
+    """Bytes of distinct storages autograd keeps for backward from one scan call (inputs included)."""
+    inputs = make_inputs(case, torch.float32)
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        SCANS[scan](**inputs, chunk_size=case.chunk, dt_softplus=True)
+    return sum(storages.values())
+
+
+def test_ssd_keeps_only_inputs_and_chunk_states_for_backward() -> None:
+    case = Case(batch=2, length=256, groups=1, initial_states=False, skip=True, head_dim=16, chunk=32)
+    b, n, h, p = case.batch, case.length, case.heads, case.head_dim
+    inputs = 4 * (b * n * h * p + b * n * h + 2 * b * n * case.groups * case.state + 4 * h)
+    chunk_states = 4 * b * (n // case.chunk) * h * p * case.state
+    ssd, chunked = saved_bytes("ssd", case), saved_bytes("chunked", case)
+    step_sizes = 3 * 4 * b * n * h  # Δ's autograd chain: dt + dt_bias, its softplus, the clamped Δ
+    assert ssd <= inputs + chunk_states + step_sizes
+    assert ssd * 4 < chunked
+
+
+@pytest.mark.parametrize("scan", ["sequential", "ssd"])
+def test_scans_refuse_gating_and_packing(scan: str) -> None:
     case = CASES[0]
     inputs = make_inputs(case, torch.float32)
     with pytest.raises(ValueError, match="seq_idx"):
-        sequential_scan(**inputs, chunk_size=16, seq_idx=torch.zeros(1, case.length, dtype=torch.int32))
+        SCANS[scan](**inputs, chunk_size=16, seq_idx=torch.zeros(1, case.length, dtype=torch.int32))
 
 
-def test_scans_registry() -> None:
-    assert SCANS["chunked"] is modeling_mamba2.mamba2_chunk_scan is CHUNKED_SCAN
+def test_scans_registry_and_default() -> None:
+    assert SCANS["chunked"] is CHUNKED_SCAN
+    assert CHUNKED_SCAN.__module__ == modeling_mamba2.__name__  # transformers' torch code, no kernel here
     assert SCANS["sequential"] is sequential_scan
+    assert SCANS["ssd"] is ssd_scan
+    assert DEFAULT_SCAN is SCANS[os.environ.get("FEDEM_SCAN", "ssd")]
+    assert modeling_mamba2.mamba2_chunk_scan is DEFAULT_SCAN
+
+
+def test_fedem_scan_environment_variable_picks_the_default() -> None:
+    probe = (
+        "from transformers.models.mamba2 import modeling_mamba2 as m; import fedem.model.seshu; "
+        "print(m.mamba2_chunk_scan.__name__)"
+    )
+    env = {**os.environ, "FEDEM_SCAN": "chunked"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "mamba2_chunk_scan"
 
 
 def test_use_scan_installs_and_restores() -> None:
@@ -130,7 +238,7 @@ def test_use_scan_installs_and_restores() -> None:
     assert modeling_mamba2.mamba2_chunk_scan is original
 
     with use_scan("sequential"), use_scan("chunked"):
-        assert modeling_mamba2.mamba2_chunk_scan is original
+        assert modeling_mamba2.mamba2_chunk_scan is CHUNKED_SCAN
     assert modeling_mamba2.mamba2_chunk_scan is original
 
     with pytest.raises(ValueError, match="unknown scan"), use_scan("parallel"):
@@ -150,8 +258,9 @@ class _Vocab:
 TINY = SeshuSize(hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=8, n_groups=2, chunk_size=8)
 
 
+@pytest.mark.parametrize("scan", ["chunked", "ssd"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_model_logits_and_grads_agree(training: bool) -> None:
+def test_model_logits_and_grads_agree(scan: str, training: bool) -> None:
     torch.manual_seed(0)
     model = build_model(TINY, _Vocab())
     model.train(training)
@@ -169,7 +278,8 @@ def test_model_logits_and_grads_agree(training: bool) -> None:
         calls.append(1)
         return sequential_scan(*args, **kwargs)
 
-    logits, grads = forward()
+    with use_scan(scan):
+        logits, grads = forward()
     with use_scan(counting_scan):
         logits_seq, grads_seq = forward()
     assert len(calls) == TINY.num_hidden_layers
@@ -178,16 +288,18 @@ def test_model_logits_and_grads_agree(training: bool) -> None:
     assert len(grads) == len(grads_seq) > 0
     for grad, grad_seq in zip(grads, grads_seq, strict=True):
         assert rel_err(grad_seq, grad) <= 1e-4
-    assert modeling_mamba2.mamba2_chunk_scan is CHUNKED_SCAN
+    assert modeling_mamba2.mamba2_chunk_scan is DEFAULT_SCAN
 
 
-def test_model_with_cache_agrees() -> None:
+@pytest.mark.parametrize("scan", ["chunked", "ssd"])
+def test_model_with_cache_agrees(scan: str) -> None:
     """The cached (generation) path asks the scan for its final state."""
     torch.manual_seed(0)
     model = build_model(TINY, _Vocab()).eval()
     ids = torch.randint(3, 97, (1, 13))
     with torch.no_grad():
-        stock = model.generate(ids, max_new_tokens=4, do_sample=False)
+        with use_scan(scan):
+            fast = model.generate(ids, max_new_tokens=4, do_sample=False)
         with use_scan("sequential"):
             seq = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert torch.equal(stock, seq)
+    assert torch.equal(fast, seq)

@@ -459,7 +459,9 @@ def add_hub_parser(commands: "argparse._SubParsersAction[argparse.ArgumentParser
     serve.add_argument(
         "--rate-limit", type=float, metavar="PER_S", help="requests per second per token (default 20)"
     )
-    serve.add_argument("--rate-burst", type=int, metavar="N", help="requests a token may save up (default 200)")
+    serve.add_argument(
+        "--rate-burst", type=int, metavar="N", help="requests a token may save up (default 200)"
+    )
     serve.add_argument(
         "--cors-origin",
         action="append",

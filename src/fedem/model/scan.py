@@ -1,11 +1,21 @@
-"""The Mamba-2 selective scan written as the plain recurrence, and a switch between scan paths.
+"""The Mamba-2 selective scan paths, the switch between them, and fedem's default.
 
 transformers' `Mamba2Mixer.forward` computes the SSM part of every layer by calling the module-level
 function `transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan` (on CPU: the chunked SSD
-algorithm in plain torch). `sequential_scan` below computes the same thing one time step at a time,
-the way the Mamba-2 paper writes the recurrence. It is the readable reference the chunked scan is
-tested against, and the slow baseline the training-throughput benchmark compares the chunked scan to.
-`use_scan` swaps either function into the mixer for the duration of a `with` block.
+algorithm in plain torch, whose autograd graph keeps a dozen activation-sized intermediates per layer).
+Three drop-ins for it, by name in `SCANS`:
+    "chunked"     transformers' own function, as imported
+    "ssd"         `ssd_scan`: the same chunked algorithm with a hand-written backward that saves only the
+                  chunk-boundary states (`fedem.model.ssd`) — fedem's default, see below
+    "sequential"  `sequential_scan`: one time step at a time, as the Mamba-2 paper writes the recurrence;
+                  the readable reference the others are tested against
+`use_scan` swaps one into the mixer for the duration of a `with` block.
+
+The default. Importing this module installs `DEFAULT_SCAN` (`ssd_scan`; `FEDEM_SCAN=chunked` in the
+environment keeps the stock one) process-wide, in place of transformers' torch fallback only — when
+transformers resolved `mamba2_chunk_scan` to a mamba-ssm kernel, that stays. Every way fedem makes a
+model (`build_model`, `load_model`) imports this module, so pretrain, finetune, evaluate, generate and
+the hub's worker all train and run on it, and a `use_scan` block always finds it already installed.
 
 Glossary (code name → Mamba-2 paper symbol, shape as passed to the scan):
     hidden_states  x      input per head channel                   (batch, length, heads, head_dim)
@@ -26,6 +36,7 @@ The recurrence, per head and head channel, with Δ_t = clamp(softplus(dt_t + dt_
     y_t = C_t · h_t + D · x_t
 """
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -34,11 +45,31 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba2 import modeling_mamba2
 
+from fedem.model.ssd import chunked_scan
+
 ScanFn = Callable[..., Any]
 """A scan with `mamba2_chunk_scan`'s signature: returns y, or (y, final state) if asked."""
 
 # The stock object (wrapped by transformers' `use_kernel_func_from_hub_with_fallback`), kept to restore.
 CHUNKED_SCAN: Final[ScanFn] = modeling_mamba2.mamba2_chunk_scan
+
+
+def _refuse_unsupported(scan: str, kwargs: dict[str, Any]) -> None:
+    """Packed sequences (`seq_idx`, `cu_seqlens`) and output gating (`z`) are refused, not ignored."""
+    for name in ("z", "seq_idx", "cu_seqlens"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{scan} does not support `{name}`")
+
+
+def _step_sizes(
+    dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float]
+) -> torch.Tensor:
+    """Δ = clamp(softplus(dt + dt_bias), *dt_limit): (b, l, h), as `mamba2_chunk_scan` computes it."""
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dt.dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    return torch.clamp(dt, min=dt_limit[0], max=dt_limit[1])
 
 
 def sequential_scan(
@@ -69,19 +100,11 @@ def sequential_scan(
     higher-precision reference. Packed sequences (`seq_idx`, `cu_seqlens`) and output gating (`z`) are
     refused rather than ignored.
     """
-    for name in ("z", "seq_idx", "cu_seqlens"):
-        if kwargs.get(name) is not None:
-            raise ValueError(f"sequential_scan does not support `{name}`")
+    _refuse_unsupported("sequential_scan", kwargs)
     batch, _length, heads, head_dim = hidden_states.shape
     groups, state_size = B.shape[2], B.shape[3]
     dtype = torch.promote_types(hidden_states.dtype, torch.float32)
-
-    # Δ: (b, l, h)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dt.dtype)
-    if dt_softplus:
-        dt = F.softplus(dt)
-    dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).to(dtype)
+    dt = _step_sizes(dt, dt_bias, dt_softplus, dt_limit).to(dtype)  # Δ: (b, l, h)
 
     x = hidden_states.to(dtype)
     # One B and C per head: (b, l, g, n) → (b, l, h, n).
@@ -114,8 +137,46 @@ def sequential_scan(
     return y
 
 
-SCANS: Final[dict[str, ScanFn]] = {"chunked": CHUNKED_SCAN, "sequential": sequential_scan}
-"""The scan paths by name: transformers' chunked (SSD) scan, and the plain recurrence above."""
+def ssd_scan(
+    hidden_states: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The chunked scan with a memory-lean backward (`fedem.model.ssd`); a drop-in for `mamba2_chunk_scan`.
+
+    Same shapes, arguments and refusals as `sequential_scan`; computes in float32 (float64 for float64
+    inputs). Δ and the D skip are left to autograd: they are elementwise on tensors the graph holds
+    anyway, so only the scan itself needed a hand-written backward.
+    """
+    _refuse_unsupported("ssd_scan", kwargs)
+    delta = _step_sizes(dt, dt_bias, dt_softplus, dt_limit)
+    y, final = chunked_scan(hidden_states, delta, A, B, C, chunk_size, initial_states)
+    if D is not None:
+        y = y + D[..., None] * hidden_states
+    if return_final_states:
+        return y, final
+    return y
+
+
+SCANS: Final[dict[str, ScanFn]] = {"chunked": CHUNKED_SCAN, "ssd": ssd_scan, "sequential": sequential_scan}
+"""The scan paths by name: transformers' chunked scan, the lean-backward chunked scan, the recurrence."""
+
+
+def scan_named(name: str) -> ScanFn:
+    """The `SCANS` entry called `name`; a ValueError naming the choices otherwise."""
+    if name not in SCANS:
+        raise ValueError(f"unknown scan {name!r}; choose from {', '.join(SCANS)}")
+    return SCANS[name]
 
 
 @contextmanager
@@ -125,14 +186,22 @@ def use_scan(scan: ScanFn | str) -> Iterator[ScanFn]:
     Patches the module global `modeling_mamba2.mamba2_chunk_scan` and puts back whatever was there on
     exit, also on an exception. The switch is process-wide, so it is not thread-safe; blocks nest.
     """
-    if isinstance(scan, str):
-        if scan not in SCANS:
-            raise ValueError(f"unknown scan {scan!r}; choose from {', '.join(SCANS)}")
-        scan = SCANS[scan]
-    fn = scan
+    fn = scan_named(scan) if isinstance(scan, str) else scan
     previous = modeling_mamba2.mamba2_chunk_scan
     modeling_mamba2.mamba2_chunk_scan = fn
     try:
         yield fn
     finally:
         modeling_mamba2.mamba2_chunk_scan = previous
+
+
+def _is_torch_fallback(fn: ScanFn) -> bool:
+    """Whether transformers resolved `mamba2_chunk_scan` to its own torch code (no mamba-ssm kernel)."""
+    return getattr(fn, "__module__", None) == modeling_mamba2.__name__
+
+
+DEFAULT_SCAN: Final[ScanFn] = scan_named(os.environ.get("FEDEM_SCAN", "ssd"))
+"""The scan fedem installs at import (see the module docstring); `FEDEM_SCAN` names another."""
+
+if _is_torch_fallback(modeling_mamba2.mamba2_chunk_scan):
+    modeling_mamba2.mamba2_chunk_scan = DEFAULT_SCAN

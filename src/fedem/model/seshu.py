@@ -20,6 +20,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerBase
 
+import fedem.model.scan  # noqa: F401 — importing it installs fedem's default (fast) scan process-wide
+
 ARCHITECTURE = Mamba2ForCausalLM
 
 # LoRA targets that stay effective on every code path. On the CUDA fused kernel,

@@ -1,0 +1,217 @@
+"""Training speed and peak memory of seshu-small against a LlamaForCausalLM of the same size.
+
+The issue's targets for the Mamba path (batch 8, float32, forward + backward + clip + AdamW):
+
+    tokens/s   ≥ 0.8× Llama at length 512,  ≥ 1.2× Llama at length 2048
+    peak RSS   ≤ 1.3× Llama's while training at length 512
+
+For each length, three configurations run one after another, each in a fresh child process
+(`train_throughput.run_job`, which also measures peak RSS there): the Llama baseline (`LLAMA`,
+7.16M parameters), and seshu-small (7.23M at vocabulary 8,000) with transformers' stock chunked scan and
+with fedem's default, the lean-backward chunked scan "ssd" (`fedem.model.ssd`). The ratios to the
+targets are taken between configurations of the same run; the machine's load is recorded, since on a
+shared machine absolute tokens/s drift while same-run ratios hold better.
+
+    python bench/vs_llama.py                          # lengths 512 2048 → bench/results/vs_llama.{md,json}
+    python bench/vs_llama.py --quick --out /tmp/b     # tiny shapes, length 64: a smoke run
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned children find it through sys.path too
+
+import train_throughput as harness  # noqa: E402 — the per-process measuring harness, shared
+from machine import machine_info, memory_available  # noqa: E402
+
+PATHS = ("llama", "chunked", "ssd")
+VOCAB = 8_000
+SPEED_TARGETS = {512: 0.8, 2048: 1.2}  # seshu tokens/s over Llama's, at these lengths
+MEMORY_TARGETS = {512: 1.3}  # seshu peak RSS over Llama's, at most
+
+
+def ratio(numerator: dict[str, Any] | None, denominator: dict[str, Any] | None, key: str) -> float | None:
+    if not numerator or not denominator or "error" in numerator or "error" in denominator:
+        return None
+    return float(numerator[key] / denominator[key])
+
+
+def summarise(results: list[dict[str, Any]], lengths: list[int]) -> list[dict[str, Any]]:
+    """Per length: each Seshu path's speed and peak memory over Llama's, with the targets where set."""
+    rows = []
+    for length in lengths:
+        by_path = {r["path"]: r for r in results if r["length"] == length}
+        llama = by_path.get("llama")
+        for path in ("chunked", "ssd"):
+            rows.append(
+                {
+                    "length": length,
+                    "path": path,
+                    "speed_vs_llama": ratio(by_path.get(path), llama, "tokens_per_s"),
+                    "speed_target": SPEED_TARGETS.get(length),
+                    "memory_vs_llama": ratio(by_path.get(path), llama, "peak_rss_mib"),
+                    "memory_target": MEMORY_TARGETS.get(length),
+                }
+            )
+        rows.append(
+            {
+                "length": length,
+                "path": "ssd / chunked",
+                "speed_vs_chunked": ratio(by_path.get("ssd"), by_path.get("chunked"), "tokens_per_s"),
+                "memory_vs_chunked": ratio(by_path.get("ssd"), by_path.get("chunked"), "peak_rss_mib"),
+            }
+        )
+    return rows
+
+
+def verdict(value: float | None, target: float | None, at_least: bool) -> str:
+    """'1.02× (target ≥ 0.8×: met)' or '… missed by 23%' — by how much the ratio falls short."""
+    if value is None:
+        return "—"
+    text = f"{value:.2f}×"
+    if target is None:
+        return text
+    met = value >= target if at_least else value <= target
+    sign = "≥" if at_least else "≤"
+    if met:
+        return f"{text} (target {sign} {target}×: met)"
+    return f"{text} (target {sign} {target}×: missed by {abs(value / target - 1):.0%})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, s = report["machine"], report["settings"]
+    busy = m["load_average_start"][0] > m["cores"] or m["load_average_end"][0] > m["cores"]
+    lines = [
+        "# Training: seshu-small vs a same-size LlamaForCausalLM",
+        "",
+        f"Batch {s['batch']}, vocabulary {s['vocab']:,}, float32; forward + backward + clip + AdamW on "
+        f"random ids; {s['warmup']} warm-up step(s), then up to {s['steps']} timed steps (at most "
+        f"~{s['budget']:.0f} s) per configuration, each in its own process (peak RSS = that process's). "
+        f"Seshu {report['parameters'].get('ssd', 0):,} parameters, Llama "
+        f"{report['parameters'].get('llama', 0):,}.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
+        f"{m['memory_gib']} GiB; Python {m['python']}, torch {m['torch']}, transformers "
+        f"{m['transformers']}; {m['date']}; load average {m['load_average_start'][0]:.2f} at start, "
+        f"{m['load_average_end'][0]:.2f} at end.",
+    ]
+    if busy:
+        lines += [
+            "",
+            "**The machine was shared and busy (load average above the core count) during this run: "
+            "absolute tokens/s are noisy and lower than on an idle machine; the same-run ratios are "
+            "the figures to read.**",
+        ]
+    lines += [
+        "",
+        "| length | model | steps | s/step | tokens/s | peak RSS (MiB) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        name = r["path"] if r["path"] == "llama" else f"seshu, {r['path']} scan"
+        if "error" in r:
+            lines.append(f"| {r['length']} | {name} | — | — | failed: {r['error']} | — |")
+            continue
+        lines.append(
+            f"| {r['length']} | {name} | {r['steps']} | {r['seconds'] / r['steps']:.2f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |"
+        )
+    lines += [
+        "",
+        "| length | seshu scan | tokens/s vs Llama | peak RSS vs Llama |",
+        "|---:|---|---|---|",
+    ]
+    for row in report["summary"]:
+        if "speed_vs_llama" in row:
+            speed = verdict(row["speed_vs_llama"], row["speed_target"], at_least=True)
+            memory = verdict(row["memory_vs_llama"], row["memory_target"], at_least=False)
+        else:
+            speed = f"ssd / chunked: {verdict(row['speed_vs_chunked'], None, True)}"
+            memory = f"ssd / chunked: {verdict(row['memory_vs_chunked'], None, False)}"
+        lines.append(f"| {row['length']} | {row['path']} | {speed} | {memory} |")
+    lines += ["", "Why targets are missed, and what is next: docs/design.md (fast scan).", ""]
+    lines += [f"Command: `{report['command']}`", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=45.0, help="seconds of timed steps, at most ~")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per child (0: default)")
+    parser.add_argument("--mem-limit-gib", type=float, default=None, help="per child (default 80%% free)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny shapes, length 64, batch 2")
+    args = parser.parse_args(argv)
+    if min(args.batch, args.steps, *args.lengths) < 1 or args.warmup < 0:
+        parser.error("lengths, --batch and --steps must be positive (--warmup may be 0)")
+    if args.quick:
+        args.lengths, args.batch, args.steps, args.warmup = [64], 2, 1, 1
+        args.out = args.out or Path(tempfile.gettempdir()) / "fedem-bench-quick"
+    args.out = args.out or harness.REPO / "bench" / "results"
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    seshu = harness.TINY if args.quick else harness.SMALL
+    llama = harness.LLAMA_TINY if args.quick else harness.LLAMA
+    vocab = 1000 if args.quick else VOCAB
+    if args.mem_limit_gib is None:
+        mem_limit = int(0.8 * memory_available())
+    else:
+        mem_limit = int(args.mem_limit_gib * harness.GIB)
+    machine = machine_info()
+    results = []
+    for length in sorted(args.lengths):
+        for path in PATHS:
+            job = harness.Job(
+                path=path,
+                length=length,
+                batch=args.batch,
+                warmup=args.warmup,
+                steps=args.steps,
+                budget_s=args.budget,
+                size=llama if path == "llama" else seshu,
+                vocab=vocab,
+                threads=args.threads,
+                mem_limit_bytes=mem_limit,
+            )
+            print(f"length {length:5d}  {path:8s} …", end=" ", flush=True)
+            result = harness.run_job(job)
+            harness._print_result(result)
+            results.append(result)
+    machine["load_average_end"] = list(os.getloadavg())
+    machine["torch_threads"] = next((r["threads"] for r in results if "threads" in r), None)
+    report: dict[str, Any] = {
+        "benchmark": "vs_llama",
+        "command": " ".join(["python", "bench/vs_llama.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine,
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "seshu_size": seshu,
+            "llama_size": llama,
+            "vocab": vocab,
+            "mem_limit_bytes": mem_limit,
+        },
+        "parameters": {r["path"]: r["parameters"] for r in results if "parameters" in r},
+        "results": results,
+        "summary": summarise(results, sorted(args.lengths)),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "vs_llama.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (args.out / "vs_llama.md").write_text(markdown(report), encoding="utf-8")
+    print(f"wrote {args.out / 'vs_llama.json'} and .md")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`bench/generation_latency.py` and `bench/lora_finetune.py` run end to end with `--quick` (tiny models)
+and write their reports; figures are checked for shape and sense, never for speed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, out: Path) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report: dict[str, Any] = json.loads((out / script.replace(".py", ".json")).read_text(encoding="utf-8"))
+    assert (out / script.replace(".py", ".md")).read_text(encoding="utf-8").startswith("# ")
+    for key in ("cpu", "cores", "torch", "date"):
+        assert report["machine"][key]
+    return report
+
+
+@pytest.mark.slow
+def test_generation_latency_quick(tmp_path: Path) -> None:
+    report = run_bench("generation_latency.py", tmp_path)
+    # the Llama baseline is matched to Seshu's size within one layer's worth of parameters
+    assert abs(report["params"]["llama"] - report["params"]["seshu"]) / report["params"]["seshu"] < 0.25
+    for name in ("seshu", "llama"):
+        assert [(r["prompt"], r["batch"]) for r in report["rows"][name]] == [(16, 1), (64, 1), (64, 4)]
+        assert all(r["ms_per_token"] > 0 and r["prefill_s"] > 0 for r in report["rows"][name])
+    assert report["targets"][0]["what"].startswith("Seshu ms/token after 64 tokens")
+
+
+@pytest.mark.slow
+def test_lora_finetune_quick(tmp_path: Path) -> None:
+    report = run_bench("lora_finetune.py", tmp_path)
+    assert 0 < report["trainable"] < report["parameters"]
+    assert report["trainable_share"] == pytest.approx(report["trainable"] / report["parameters"], abs=1e-5)
+    assert 0 < report["bytes"]["adapter"] < report["bytes"]["full_checkpoint"]
+    assert report["tokens_per_s"]["full"] > 0 and report["tokens_per_s"]["lora"] > 0
