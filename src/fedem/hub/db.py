@@ -11,12 +11,12 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-# Connections per hub process: 10 kept, and no cap on more. A cap deadlocks under load: a request's
-# session holds its connection from the token check until the request ends, while its route waits for
-# one of FastAPI's 40 threads, and those threads all wait for a connection (measured with
-# bench/hub_load.py: SQLAlchemy's default cap of 15, and one of 40, turned 200 concurrent donors into
-# 30 s pool timeouts). So a server database needs `max_connections` ≥ the requests in flight across
-# all workers (docs/reliability.md).
+# Connections per hub process: 10 kept, and no cap on more. A cap deadlocked under load while a request's
+# session held its connection from the token check until the request ended, and its route waited for
+# one of FastAPI's 40 threads that all waited for a connection (bench/hub_load.py: caps of 15 and 40
+# turned 200 concurrent donors into 30 s pool timeouts). The token check now ends its transaction
+# (auth.current_user); the cap stays off until the load bench is re-run with one. So a server database
+# needs `max_connections` ≥ the requests in flight across all workers (docs/reliability.md).
 POOL_SIZE, POOL_OVERFLOW = 10, -1
 # Any fixed number: the PostgreSQL advisory lock that serialises concurrent migrations.
 MIGRATION_LOCK = 0x6665_6465_6D

@@ -1,6 +1,7 @@
 """`fedem serve --model seshu/base@v1 --hub URL`: a release served straight from a real hub, read with
 `huggingface_hub.snapshot_download`, answered to the official `openai` client; and the refusals."""
 
+import json
 import os
 import socket
 import subprocess
@@ -64,3 +65,22 @@ def test_a_missing_release_or_repo_is_one_clear_line(
     with pytest.raises(UserError, match="no such model"):
         local_folder(str(tmp_path / "nowhere" / "model"), hub.url)
     assert local_folder(tmp_path) == tmp_path  # a folder is used as it is
+
+
+def test_fedem_evaluate_a_hub_release_through_hf_endpoint(
+    hub: Hub, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`fedem evaluate --model seshu/base@v1` with `HF_ENDPOINT` at the hub: the same report as the folder."""
+    with HubClient(hub.url, hub.tokens["admin"]) as admin:
+        admin.push(BASE, tiny_model_dir, description="release 1")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_ENDPOINT": hub.url}
+    reports = {}
+    for name, model in (("hub", f"{BASE}@v1"), ("folder", str(tiny_model_dir))):
+        out = tmp_path / name
+        command = [sys.executable, "-m", "fedem.cli", "evaluate", "--model", model, "--languages", "hi",
+                   "--max-lines", "4", "--max-pairs", "2", "--out", str(out)]  # fmt: skip
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        reports[name] = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert reports["hub"]["language_modelling"] == reports["folder"]["language_modelling"]
+    assert reports["hub"]["translation"] == reports["folder"]["translation"]
