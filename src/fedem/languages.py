@@ -54,4 +54,3 @@ def adapter_shape(name: str) -> tuple[str | None, str | None]:
     if len(parts) >= 2 and parts[-2] == "en" and code != "en":
         return "translate", code
     return "lm", code
-
