@@ -29,8 +29,6 @@ import os
 import re
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -41,8 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from child_server import ChildServer, free_port
 from fedem.client import HubAPIError, HubClient
 from fedem.client.hub_client import sha256_file
 from machine import machine_info
@@ -89,15 +86,11 @@ def _filesystem(path: Path) -> str:
     return kind
 
 
-class Server:
+class Server(ChildServer):
     """`fedem hub serve` in a child process; its first-start admin token is read from its stdout."""
 
     def __init__(self, root: Path, log_path: Path, max_file_bytes: int, *options: str) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
+        port = free_port()
         command = [
             sys.executable,
             "-m",
@@ -110,8 +103,7 @@ class Server:
             str(port),
         ]
         command += ["--max-file-bytes", str(max_file_bytes), *options]  # options: more `serve` flags
-        self.log = log_path.open("wb")
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
+        super().__init__(command, port, log_path, REPO, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()  # printed before the server starts listening
         token = re.search(r"(fedem_\S+)", line)
@@ -119,34 +111,10 @@ class Server:
             self.stop()
             raise RuntimeError(f"no admin token from the hub: {line!r}\n{self.log_tail()}")
         self.token = token.group(1)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.1)
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        raise RuntimeError(f"the hub did not come up\n{self.log_tail()}")
+        self.wait_healthy("/healthz", 60, "the hub")
 
     def peak_rss_mib(self) -> float:
         return _status_kib(self.proc.pid, "VmHWM") / 1024
-
-    def log_tail(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def lease_loop(

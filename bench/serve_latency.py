@@ -22,10 +22,7 @@ Results go to `<out>/serve_latency.json` and `.md`.
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +32,7 @@ from typing import Any
 
 import httpx
 
+from child_server import ChildServer, free_port
 from machine import machine_info
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,38 +40,14 @@ DEFAULT_MODEL = REPO / "runs" / "demo" / "seshu-small"
 PROMPT = "English: The weather is pleasant today, so we will walk to the market.\nHindi:"
 
 
-class Server:
+class Server(ChildServer):
     """`fedem serve` in a child process, its log in a file."""
 
     def __init__(self, model: Path, log_path: Path) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self.log = log_path.open("wb")
+        port = free_port()
         command = [sys.executable, "-m", "fedem.cli", "serve", "--model", str(model), "--port", str(port)]
-        command += ["--name", "bench"]
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server did not come up\n{self.log_path.read_text(errors='replace')[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        super().__init__([*command, "--name", "bench"], port, log_path, REPO)
+        self.wait_healthy("/healthz", 180, "the server")
 
 
 def one_stream(url: str, max_tokens: int, seed: int) -> dict[str, float]:
