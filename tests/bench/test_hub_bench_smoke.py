@@ -1,25 +1,13 @@
 """`bench/hub_throughput.py --quick` runs end to end against a real `fedem hub serve` (no timing checks)."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "hub_throughput.py"
+from tests.bench.conftest import run_quick
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--tmp", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "hub_throughput.json").read_text(encoding="utf-8"))
+    report = run_quick("hub_throughput.py", out, "--tmp", str(tmp_path), timeout=300)
     assert (out / "hub_throughput.md").read_text(encoding="utf-8").startswith("# Hub throughput")
 
     assert report["settings"]["quick"] is True

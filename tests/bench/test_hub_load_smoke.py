@@ -1,25 +1,13 @@
 """`bench/hub_load.py --quick` runs end to end against a real `fedem hub serve` (no timing checks)."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "hub_load.py"
+from tests.bench.conftest import run_quick
 
 
 def test_quick_load_run_checks_the_invariants_and_writes_results(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--tmp", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((out / "hub_load.json").read_text(encoding="utf-8"))
+    report = run_quick("hub_load.py", out, "--tmp", str(tmp_path), timeout=300)
     assert (out / "hub_load.md").read_text(encoding="utf-8").startswith("# Hub under load")
 
     assert report["settings"]["quick"] is True and report["settings"]["database"] == "SQLite"

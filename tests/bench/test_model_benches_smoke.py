@@ -1,28 +1,16 @@
 """`bench/generation_latency.py` and `bench/lora_finetune.py` run end to end with `--quick` (tiny models)
 and write their reports; figures are checked for shape and sense, never for speed."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench.conftest import run_quick
 
 
 def run_bench(script: str, out: Path) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report: dict[str, Any] = json.loads((out / script.replace(".py", ".json")).read_text(encoding="utf-8"))
-    assert (out / script.replace(".py", ".md")).read_text(encoding="utf-8").startswith("# ")
+    report = run_quick(script, out, timeout=300)
     for key in ("cpu", "cores", "torch", "date"):
         assert report["machine"][key]
     return report

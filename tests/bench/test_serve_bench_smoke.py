@@ -1,25 +1,13 @@
 """`bench/serve_latency.py --quick` runs end to end against a real server, tiny model (no timing checks)."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "bench" / "serve_latency.py"
+from tests.bench.conftest import run_quick
 
 
 def test_quick_run_writes_json_and_markdown(tmp_path: Path, tiny_model_dir: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--model", str(tiny_model_dir), "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "serve_latency.json").read_text(encoding="utf-8"))
+    report = run_quick("serve_latency.py", out, "--model", str(tiny_model_dir), timeout=300)
     assert (out / "serve_latency.md").read_text(encoding="utf-8").startswith("# Serve latency")
 
     assert report["settings"]["quick"] is True

@@ -1,10 +1,9 @@
 """`bench/train_throughput.py` runs end to end (`--quick`) and writes its report; no timing assertions."""
 
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
+
+from tests.bench.conftest import run_quick
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "bench" / "train_throughput.py"
@@ -20,15 +19,7 @@ def _load_bench():
 
 def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "train_throughput.json").read_text(encoding="utf-8"))
+    report = run_quick("train_throughput.py", out)
     assert (out / "train_throughput.md").read_text(encoding="utf-8").startswith("# Training throughput")
 
     assert report["settings"]["quick"] is True
@@ -160,15 +151,7 @@ def test_out_of_memory_halves_the_batch_and_retimes_chunked(tmp_path: Path, monk
 def test_vs_llama_quick_run_reports_ratios_against_the_targets(tmp_path: Path) -> None:
     """`bench/vs_llama.py --quick`: Llama, stock-scan and ssd-scan Seshu each train in a child process."""
     out = tmp_path / "results"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "vs_llama.py"), "--quick", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "vs_llama.json").read_text(encoding="utf-8"))
+    report = run_quick("vs_llama.py", out)
     assert (out / "vs_llama.md").read_text(encoding="utf-8").startswith("# Training: seshu-small vs")
     assert [r["path"] for r in report["results"]] == ["llama", "chunked", "ssd"]
     for result in report["results"]:
