@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba2 import modeling_mamba2
 
-from fedem.model.scan import CHUNKED_SCAN, DEFAULT_SCAN, SCANS, sequential_scan, ssd_scan, use_scan
+from fedem.model.scan import (
+    CHUNKED_SCAN,
+    CONV_UPDATE,
+    DEFAULT_SCAN,
+    SCANS,
+    conv_step,
+    sequential_scan,
+    ssd_scan,
+    use_scan,
+)
 from fedem.model.seshu import SeshuSize, build_model
 from fedem.model.ssd import ChunkedScan
 
@@ -214,6 +223,32 @@ def test_scans_registry_and_default() -> None:
     assert SCANS["ssd"] is ssd_scan
     assert DEFAULT_SCAN is SCANS[os.environ.get("FEDEM_SCAN", "ssd")]
     assert modeling_mamba2.mamba2_chunk_scan is DEFAULT_SCAN
+    assert modeling_mamba2.causal_conv1d_update is conv_step
+    assert CONV_UPDATE.__module__ == modeling_mamba2.__name__
+
+
+@pytest.mark.parametrize("state_width", [4, 6])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_conv_step_matches_transformers_decode_convolution(
+    state_width: int, with_bias: bool, activation: str | None
+) -> None:
+    """The same output and the same updated convolution state as transformers' `causal_conv1d_update`,
+    for one new position, over a few steps; longer inputs are handed to transformers' own function."""
+    torch.manual_seed(0)
+    batch, channels, kernel = 2, 24, 4
+    weight, bias = torch.randn(channels, kernel), torch.randn(channels) if with_bias else None
+    theirs = torch.randn(batch, channels, state_width)
+    ours = theirs.clone()
+    for _ in range(3):
+        x = torch.randn(batch, channels, 1)
+        expected = CONV_UPDATE(x, theirs, weight, bias, activation)
+        step = conv_step(x, ours, weight, bias, activation)
+        torch.testing.assert_close(step, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    several = torch.randn(batch, channels, 3)
+    expected = CONV_UPDATE(several, theirs.clone(), weight, bias, activation)
+    torch.testing.assert_close(conv_step(several, ours.clone(), weight, bias, activation), expected)
 
 
 def test_fedem_scan_environment_variable_picks_the_default() -> None:
