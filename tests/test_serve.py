@@ -15,6 +15,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from fedem import serve
 from fedem.serve import CHAT_TEMPLATE, ChatMessage, _partial_stop, chat_prompt, create_serve_app
 
 NAME = "tiny"
@@ -181,22 +182,40 @@ def test_concurrent_requests_all_succeed(client: openai.OpenAI) -> None:
     assert results[0] == one(0)  # queued runs give the same greedy text as a lone one
 
 
-def test_a_full_queue_answers_429(tiny_model_dir: Path) -> None:
-    """One request runs, one waits (max_queue=1): a third one at the same time is refused, not queued."""
-    with serving(create_serve_app(tiny_model_dir, max_queue=1)) as url:
-        body = {"prompt": "The", "max_tokens": 1000, "temperature": 1.0, "seed": 1, "stream": True}
+def test_a_full_queue_answers_429(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request runs, one waits (max_queue=1): a third one meanwhile is refused, not queued.
 
-        def one(_i: int) -> tuple[int, dict[str, Any] | None]:
+    The running generation is held at a gate until the third answer is in, so the test does not
+    depend on how long a generation takes (it may hit EOS after a token); then all of it runs."""
+    gate, started = threading.Event(), threading.Event()
+    real_run_job = serve.run_job
+
+    def gated_run_job(*args: Any) -> None:
+        started.set()
+        assert gate.wait(60)
+        real_run_job(*args)
+
+    monkeypatch.setattr(serve, "run_job", gated_run_job)
+    body = {"prompt": "The", "max_tokens": 8, "temperature": 1.0, "seed": 1, "stream": True}
+    app = create_serve_app(tiny_model_dir, max_queue=1)
+    with serving(app) as url, ThreadPoolExecutor(2) as pool:
+
+        def one() -> tuple[int, dict[str, Any] | None]:
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
                 response.read()
                 return response.status_code, response.json() if response.status_code != 200 else None
 
-        with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(one, range(4)))
-    codes = sorted(code for code, _ in answers)
-    assert codes[0] == 200 and codes[-1] == 429, codes
-    refused = next(error for code, error in answers if code == 429)
-    assert refused is not None and refused["error"]["code"] == "queue_full"
+        running = pool.submit(one)
+        assert started.wait(60)  # the first request is generating (held at the gate)
+        waiting = pool.submit(one)
+        deadline = time.monotonic() + 30
+        while not app.state.served.queue.full():  # the second one is queued
+            assert time.monotonic() < deadline, "the second request was never queued"
+            time.sleep(0.02)
+        code, error = one()
+        gate.set()
+        assert running.result()[0] == 200 and waiting.result()[0] == 200
+    assert code == 429 and error is not None and error["error"]["code"] == "queue_full"
 
 
 def test_chat_template_matches_the_documented_one(tiny_model_dir: Path) -> None:
