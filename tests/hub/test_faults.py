@@ -214,15 +214,14 @@ def test_fifty_donors_race_for_one_lease_and_exactly_one_wins(make_hub: Any) -> 
     for client in clients:
         client.whoami()  # each token is checked once before the race, so it starts together
     start = threading.Barrier(len(clients))
-    outcomes: list[int] = []
+    outcomes: list[tuple[int, str]] = []
 
     def race(client: HubClient) -> None:
         start.wait()
         try:
-            client.lease(ADAPTER)
-            outcomes.append(201)
-        except HubAPIError as err:
-            outcomes.append(err.status)
+            outcomes.append((201, client.lease(ADAPTER)["holder"]))
+        except HubAPIError as err:  # the refusal names who holds the lease
+            outcomes.append((err.status, f"{err.code}:{err.body.get('holder')}"))
 
     threads = [threading.Thread(target=race, args=(c,)) for c in clients]
     for thread in threads:
@@ -232,5 +231,7 @@ def test_fifty_donors_race_for_one_lease_and_exactly_one_wins(make_hub: Any) -> 
     for client in clients:
         client.close()
 
-    assert sorted(outcomes) == [201] + [409] * 49
+    winners = [who for status, who in outcomes if status == 201]
+    assert len(outcomes) == 50 and len(winners) == 1
+    assert sorted(outcomes)[1:] == [(409, f"leased:{winners[0]}")] * 49
     assert invariants(hub, [], []) == []

@@ -46,4 +46,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    raise NotImplementedError("argon2 hashes cannot be turned back into sha256: restore a backup instead")
+    raise RuntimeError("argon2 hashes cannot be turned back into sha256: restore a backup instead")
