@@ -67,6 +67,7 @@ class Job:
     vocab: int
     threads: int
     mem_limit_bytes: int  # RLIMIT_AS of the child; 0 = none
+    tune_allocator: bool = True  # `fedem.train.allocator.keep_freed_memory()` first, as fedem's training does
 
 
 class _Vocab:
@@ -108,7 +109,10 @@ def measure(job: Job) -> dict[str, Any]:
 
     from fedem.model.scan import use_scan
     from fedem.model.seshu import count_parameters
+    from fedem.train.allocator import keep_freed_memory
 
+    # As `fedem.train` does before training; for every path, the baseline included, so ratios stay fair.
+    allocator_tuned = keep_freed_memory() if job.tune_allocator else False
     logging.set_verbosity_error()  # the stock scan warns once that mamba_ssm is missing; expected on CPU
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -148,6 +152,7 @@ def measure(job: Job) -> dict[str, Any]:
         "batch": job.batch,
         "parameters": count_parameters(model),
         "threads": torch.get_num_threads(),
+        "allocator_tuned": allocator_tuned,
         "warmup_steps": job.warmup,
         "warmup_s": warmup_s,
         "steps": steps,

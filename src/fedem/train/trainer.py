@@ -20,6 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from fedem.errors import UserError
 from fedem.evaluate import score_lines
+from fedem.train.allocator import keep_freed_memory
 from fedem.train.config import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ def run_training(
     if resume and checkpoint is None:
         raise UserError(f"--resume: no checkpoint-N folder in {out} to resume from")
     _truncate_metrics(out, after_step=int(checkpoint.rsplit("-", 1)[1]) if checkpoint else 0)
+    keep_freed_memory()  # 1.2-2x more tokens/s on a CPU (fedem.train.allocator)
     trainer = SeshuTrainer(
         model=model,
         args=training_arguments(settings, out, evaluate=eval_set is not None),
