@@ -18,6 +18,7 @@ from fedem.model.scan import (
     SCANS,
     conv_step,
     sequential_scan,
+    split_conv1d_scan_combined,
     ssd_scan,
     use_scan,
 )
@@ -224,6 +225,7 @@ def test_scans_registry_and_default() -> None:
     assert DEFAULT_SCAN is SCANS[os.environ.get("FEDEM_SCAN", "ssd")]
     assert modeling_mamba2.mamba2_chunk_scan is DEFAULT_SCAN
     assert modeling_mamba2.causal_conv1d_update is conv_step
+    assert modeling_mamba2.mamba2_split_conv1d_scan_combined is split_conv1d_scan_combined
     assert CONV_UPDATE.__module__ == modeling_mamba2.__name__
 
 

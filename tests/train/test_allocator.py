@@ -1,4 +1,4 @@
-"""fedem.train.allocator: freed activation-sized blocks stay in the process instead of being faulted in again."""
+"""fedem.train.allocator: freed activation-sized blocks stay in the process, not faulted in again."""
 
 import subprocess
 import sys

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.models.mamba2 import modeling_mamba2
 
+from fedem.model.mixer import MixerCore
 from fedem.model.ssd import chunked_scan
 
 ScanFn = Callable[..., Any]
@@ -236,6 +237,63 @@ def conv_step(
     return out.to(hidden_states.dtype)
 
 
+def split_conv1d_scan_combined(
+    zxbcdt: torch.Tensor,
+    conv1d_weight: torch.Tensor,
+    conv1d_bias: torch.Tensor | None,
+    dt_bias: torch.Tensor,
+    A: torch.Tensor,
+    D: torch.Tensor,
+    chunk_size: int,
+    initial_states: torch.Tensor | None = None,
+    dt_limit: tuple[float, float] = (0.0, float("inf")),
+    return_final_states: bool = False,
+    activation: str = "silu",
+    rmsnorm_weight: torch.Tensor | None = None,
+    rmsnorm_eps: float = 1e-6,
+    outproj_weight: torch.Tensor | None = None,
+    outproj_bias: torch.Tensor | None = None,
+    headdim: int | None = None,
+    ngroups: int = 1,
+    norm_before_gate: bool = True,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """A training mixer's whole layer after in_proj (`fedem.model.mixer`); a drop-in for transformers'
+    `mamba2_split_conv1d_scan_combined`, the offer that `Mamba2Mixer.forward` makes while training.
+
+    zxbcdt (b, l, I + K + H) → the layer's output (b, l, hidden): `MixerCore`, then the output
+    projection through `F.linear`. Returns None, so that transformers runs its step-by-step torch path,
+    for what the core does not cover (a start state, final states, packed sequences, another
+    activation or norm order) and whenever a `use_scan` block has installed a scan other than `ssd_scan`
+    — so "chunked" and "sequential" always mean transformers' own layer around that scan.
+    """
+    if (
+        rmsnorm_weight is None
+        or outproj_weight is None
+        or initial_states is not None
+        or return_final_states
+        or activation != "silu"
+        or norm_before_gate
+        or any(kwargs.get(name) is not None for name in ("seq_idx", "cu_seqlens"))
+        or modeling_mamba2.mamba2_chunk_scan is not ssd_scan
+    ):
+        return None
+    out = MixerCore.apply(
+        zxbcdt,
+        conv1d_weight,
+        conv1d_bias,
+        dt_bias,
+        A,
+        D,
+        rmsnorm_weight,
+        rmsnorm_eps,
+        chunk_size,
+        ngroups,
+        dt_limit,
+    )
+    return F.linear(out, outproj_weight, outproj_bias)
+
+
 DEFAULT_SCAN: Final[ScanFn] = scan_named(os.environ.get("FEDEM_SCAN", "ssd"))
 """The scan fedem installs at import (see the module docstring); `FEDEM_SCAN` names another."""
 
@@ -243,3 +301,5 @@ if _is_torch_fallback(modeling_mamba2.mamba2_chunk_scan):
     modeling_mamba2.mamba2_chunk_scan = DEFAULT_SCAN
 if _is_torch_fallback(modeling_mamba2.causal_conv1d_update):
     modeling_mamba2.causal_conv1d_update = conv_step
+if _is_torch_fallback(modeling_mamba2.mamba2_split_conv1d_scan_combined):
+    modeling_mamba2.mamba2_split_conv1d_scan_combined = split_conv1d_scan_combined

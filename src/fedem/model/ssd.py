@@ -25,7 +25,7 @@ Per chunk, positions l ≥ u, with the state entering the chunk H_in and leaving
     y_l   = Σ_{u≤l} exp(s_l − s_u)·(C_l·B_u)·x̄_u  +  exp(s_l)·H_in·C_l             (diagonal + off)
     H_out = exp(s_Q)·H_in  +  Σ_u exp(s_Q − s_u)·x̄_u ⊗ B_u
 The first sum is a lower-triangular (Q × Q) mixing — a batched matmul; the recurrence over H runs
-once per chunk, not per step. Backward differentiates these two lines by hand (see `_backward`).
+once per chunk, not per step. Backward differentiates these two lines by hand (see `scan_backward`).
 """
 
 from typing import Any
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
-def _chunked(t: Tensor, chunk_size: int) -> Tensor:
+def to_chunks(t: Tensor, chunk_size: int) -> Tensor:
     """(b, l, …) → (b, c, Q, …), zero-padding the length to a multiple of Q.
 
     Zero padding is exact here: a padded step has Δ = 0, so it neither decays nor feeds the state.
@@ -47,7 +47,7 @@ def _chunked(t: Tensor, chunk_size: int) -> Tensor:
     return t.reshape(t.shape[0], -1, chunk_size, *t.shape[2:])
 
 
-def _unchunked(t: Tensor, length: int) -> Tensor:
+def from_chunks(t: Tensor, length: int) -> Tensor:
     """(b, c, Q, …) → (b, length, …), dropping the padding."""
     return t.flatten(1, 2)[:, :length]
 
@@ -57,17 +57,17 @@ def _by_group(t: Tensor, groups: int) -> Tensor:
     return t.unflatten(3, (groups, -1))
 
 
-class _Chunks:
+class Chunks:
     """The quantities of one forward pass that both directions use, in the chunked layout."""
 
     def __init__(self, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> None:
         dtype = torch.promote_types(x.dtype, torch.float32)
         self.groups = B.shape[2]
-        self.x = _chunked(x.to(dtype), chunk_size)  # (b, c, Q, h, p)
-        self.delta = _chunked(delta.to(dtype), chunk_size)  # (b, c, Q, h)
+        self.x = to_chunks(x.to(dtype), chunk_size)  # (b, c, Q, h, p)
+        self.delta = to_chunks(delta.to(dtype), chunk_size)  # (b, c, Q, h)
         self.A = A.to(dtype)  # (h,)
-        self.B = _chunked(B.to(dtype), chunk_size)  # (b, c, Q, g, n)
-        self.C = _chunked(C.to(dtype), chunk_size)  # (b, c, Q, g, n)
+        self.B = to_chunks(B.to(dtype), chunk_size)  # (b, c, Q, g, n)
+        self.C = to_chunks(C.to(dtype), chunk_size)  # (b, c, Q, g, n)
         self.s = torch.cumsum(self.delta * self.A, dim=2)  # (b, c, Q, h)
         self.x_bar = _by_group(self.x * self.delta[..., None], self.groups)  # (b, c, Q, g, r, p)
         # exp(s_l − s_u) for l ≥ u, 0 above the diagonal (masked before exp: s_l − s_u > 0 there).
@@ -104,8 +104,8 @@ class _Chunks:
         return torch.einsum("bclgn,bcgrpn->bclgrp", self.C, h_in) * self.decay_in[..., None]
 
 
-def _backward(
-    chunks: _Chunks, states_in: Tensor, grad_y: Tensor, grad_final: Tensor | None
+def scan_backward(
+    chunks: Chunks, states_in: Tensor, grad_y: Tensor, grad_final: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients w.r.t. x, Δ, A, B, C and the initial state, all in the chunked layout.
 
@@ -186,9 +186,9 @@ class ChunkedScan(torch.autograd.Function):
         initial: Tensor | None,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
-        chunks = _Chunks(x, delta, A, B, C, chunk_size)
+        chunks = Chunks(x, delta, A, B, C, chunk_size)
         states_in, final = chunks.states_entering(initial)
-        y = _unchunked(chunks.output(states_in), x.shape[1])
+        y = from_chunks(chunks.output(states_in), x.shape[1])
         ctx.save_for_backward(x, delta, A, B, C, states_in)
         ctx.chunk_size = chunk_size
         ctx.has_initial = initial is not None
@@ -199,21 +199,21 @@ class ChunkedScan(torch.autograd.Function):
     def backward(ctx: Any, grad_y: Tensor | None, grad_final: Tensor | None) -> tuple[Tensor | None, ...]:
         x, delta, A, B, C, states_in = ctx.saved_tensors
         length = x.shape[1]
-        chunks = _Chunks(x, delta, A, B, C, ctx.chunk_size)
+        chunks = Chunks(x, delta, A, B, C, ctx.chunk_size)
         if grad_y is None:
             grad_y = x.new_zeros(x.shape, dtype=states_in.dtype)
-        grad_y = _chunked(grad_y.to(states_in.dtype), ctx.chunk_size)
+        grad_y = to_chunks(grad_y.to(states_in.dtype), ctx.chunk_size)
         if grad_final is not None:
             grad_final = grad_final.to(states_in.dtype)
-        grad_x, grad_delta, grad_A, grad_B, grad_C, grad_initial = _backward(
+        grad_x, grad_delta, grad_A, grad_B, grad_C, grad_initial = scan_backward(
             chunks, states_in, grad_y, grad_final
         )
         return (
-            _unchunked(grad_x, length).to(x.dtype),
-            _unchunked(grad_delta, length).to(delta.dtype),
+            from_chunks(grad_x, length).to(x.dtype),
+            from_chunks(grad_delta, length).to(delta.dtype),
             grad_A.to(A.dtype),
-            _unchunked(grad_B, length).to(B.dtype),
-            _unchunked(grad_C, length).to(C.dtype),
+            from_chunks(grad_B, length).to(B.dtype),
+            from_chunks(grad_C, length).to(C.dtype),
             grad_initial.to(ctx.initial_dtype) if ctx.has_initial else None,
             None,
         )
