@@ -41,9 +41,7 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     tap on the whole tensor, contiguous output whatever the input's strides.
     """
     taps = weight.shape[1]
-    out = x * weight[:, -1]
-    if bias is not None:
-        out += bias
+    out = x * weight[:, -1] if bias is None else torch.addcmul(bias, x, weight[:, -1])
     for j in range(taps - 1):
         shift = taps - 1 - j
         out[:, shift:].addcmul_(x[:, :-shift], weight[:, j])
@@ -51,11 +49,14 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def causal_conv_backward(
-    grad_out: Tensor, x: Tensor, weight: Tensor, need_weight: bool
+    grad_out: Tensor, x: Tensor, weight: Tensor, need_weight: bool, grad_x: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """∂x (b, l, K) and, if asked, ∂weight (K, k) of `causal_conv` (∂bias is ∂out summed over b, l)."""
+    """∂x (b, l, K) and, if asked, ∂weight (K, k) of `causal_conv` (∂bias is ∂out summed over b, l).
+
+    ∂x is written into `grad_x` where given (a slice of a larger gradient), else into a new tensor.
+    """
     taps = weight.shape[1]
-    grad_x = grad_out * weight[:, -1]
+    grad_x = torch.mul(grad_out, weight[:, -1], out=grad_x)
     for j in range(taps - 1):
         shift = taps - 1 - j
         grad_x[:, :-shift].addcmul_(grad_out[:, shift:], weight[:, j])
@@ -69,9 +70,11 @@ def causal_conv_backward(
     return grad_x, grad_weight
 
 
-def _silu_grad(u: Tensor, sig: Tensor) -> Tensor:
-    """d SiLU(u) / du = σ(u)·(1 + u·(1 − σ(u)))."""
-    return sig * (1 + u * (1 - sig))
+def _silu_backward(grad: Tensor, u: Tensor, out: Tensor | None = None) -> Tensor:
+    """grad · d SiLU(u)/du, in one pass (ATen's fused kernel), into `out` where given."""
+    if out is None:
+        return torch.ops.aten.silu_backward(grad, u)
+    return torch.ops.aten.silu_backward.grad_input(grad, u, grad_input=out)
 
 
 class _Layer:
@@ -95,8 +98,7 @@ class _Layer:
         z, xbc, dt = zxbcdt.to(dtype).split([self.inner, conv_dim, heads], dim=-1)
         self.z, self.xbc = z, xbc
         self.u = causal_conv(xbc, conv_weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype))
-        self.u_sig = torch.sigmoid(self.u)
-        self.act = self.u * self.u_sig  # SiLU(u): x, B and C side by side
+        self.act = F.silu(self.u)  # x, B and C side by side
         self.dt_in = dt + dt_bias.to(dtype)
         self.delta = F.softplus(self.dt_in).clamp(*dt_limit)
         self.dt_limit = dt_limit
@@ -168,16 +170,20 @@ class MixerCore(torch.autograd.Function):
         x, B, C = layer.x_b_c()
         grad_out = grad_out.to(y.dtype)
 
+        # One ∂zxbcdt, filled part by part: ∂z, ∂xBC, ∂dt.
+        inner, conv_dim = layer.inner, conv_weight.shape[0]
+        grad_zxbcdt = torch.empty(zxbcdt.shape, dtype=y.dtype, device=y.device)
+        grad_z, grad_xbc, grad_dt = grad_zxbcdt.split([inner, conv_dim, heads], dim=-1)
+
         # Gated RMSNorm: out = w · n̂, n̂ = g·r, g = y·SiLU(z), r = 1/rms(g) per group.
         _, normed, inv_rms = _gated_norm(y, layer.z, norm_weight.to(y.dtype), groups, eps)
         grad_norm_weight = (grad_out * normed).sum((0, 1)) if need[6] else None
         grad_normed = (grad_out * norm_weight.to(y.dtype)).unflatten(-1, (groups, -1))
         normed_g = normed.unflatten(-1, (groups, -1))
-        grad_gated = inv_rms * (grad_normed - normed_g * (grad_normed * normed_g).mean(-1, keepdim=True))
-        grad_gated = grad_gated.flatten(-2)
-        z_sig = torch.sigmoid(layer.z)
-        grad_y = grad_gated * layer.z * z_sig
-        grad_z = grad_gated * y * _silu_grad(layer.z, z_sig)
+        projection = (grad_normed * normed_g).mean(-1, keepdim=True)
+        grad_gated = grad_normed.sub_(normed_g.mul_(projection)).mul_(inv_rms).flatten(-2)
+        grad_y = grad_gated * F.silu(layer.z)
+        _silu_backward(grad_gated.mul_(y), layer.z, out=grad_z)
 
         # D skip and the scan.
         grad_y_heads = grad_y.unflatten(-1, (heads, -1))  # (b, l, H, P)
@@ -186,14 +192,14 @@ class MixerCore(torch.autograd.Function):
         grad_x, grad_delta, grad_A, grad_B, grad_C, _ = scan_backward(
             chunks, states_in, to_chunks(grad_y_heads, chunk_size), None
         )
-        grad_x = from_chunks(grad_x, length) + D.to(x.dtype)[:, None] * grad_y_heads
+        grad_x = from_chunks(grad_x, length).addcmul_(D.to(x.dtype)[:, None], grad_y_heads)
 
         # Δ = clamp(softplus(dt + dt_bias)): clamp passes the gradient where it did not bite (as torch's).
-        grad_dt = from_chunks(grad_delta, length) * torch.sigmoid(layer.dt_in)
+        torch.mul(from_chunks(grad_delta, length), torch.sigmoid(layer.dt_in), out=grad_dt)
         low, high = dt_limit
         if low > 0.0 or high < float("inf"):
             soft = F.softplus(layer.dt_in)
-            grad_dt = grad_dt * ((soft >= low) & (soft <= high))
+            grad_dt.mul_((soft >= low) & (soft <= high))
         grad_dt_bias = grad_dt.sum((0, 1)) if need[3] else None
 
         # SiLU and the convolution.
@@ -205,13 +211,14 @@ class MixerCore(torch.autograd.Function):
             ],
             dim=-1,
         )
-        grad_u = grad_act * _silu_grad(layer.u, layer.u_sig)
-        grad_xbc, grad_conv_weight = causal_conv_backward(grad_u, layer.xbc, conv_weight.to(y.dtype), need[1])
+        grad_u = _silu_backward(grad_act, layer.u, out=grad_act)
+        _, grad_conv_weight = causal_conv_backward(
+            grad_u, layer.xbc, conv_weight.to(y.dtype), need[1], grad_x=grad_xbc
+        )
         grad_conv_bias = grad_u.sum((0, 1)) if need[2] else None
 
-        grad_zxbcdt = torch.cat([grad_z, grad_xbc, grad_dt], dim=-1) if need[0] else None
         return (
-            None if grad_zxbcdt is None else grad_zxbcdt.to(zxbcdt.dtype),
+            grad_zxbcdt.to(zxbcdt.dtype) if need[0] else None,
             None if grad_conv_weight is None else grad_conv_weight.to(conv_weight.dtype),
             None if grad_conv_bias is None else grad_conv_bias.to(conv_bias.dtype),
             None if grad_dt_bias is None else grad_dt_bias.to(dt_bias.dtype),

@@ -57,51 +57,87 @@ def _by_group(t: Tensor, groups: int) -> Tensor:
     return t.unflatten(3, (groups, -1))
 
 
+# The contractions that involve B, C or a state run as one matmul per chunk and group, on matrices taken
+# from the chunked layout without a copy (for one group; with several, matmul copies the strided batch):
+#   rows      (b, c, Q, g, r, p) ↔ (b·c, g, Q, r·p)   a row per position: x̄, ∂y and the like
+#   mats      (b, c, Q, g, n)    → (b·c, g, Q, n)     B and C
+#   state     (b, c, h, p, n)    ↔ (b·c, g, r·p, n)   H_in, G_out
+# Only the within-chunk (Q × Q) mixing, which differs per head, goes through einsum per head.
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.flatten(-2).flatten(0, 1).transpose(1, 2)
+
+
+def _from_rows(t: Tensor, batch: int, heads_per_group: int) -> Tensor:
+    return t.transpose(1, 2).unflatten(-1, (heads_per_group, -1)).unflatten(0, (batch, -1))
+
+
+def _mats(t: Tensor) -> Tensor:
+    return t.flatten(0, 1).transpose(1, 2)
+
+
+def _state_mats(t: Tensor, groups: int) -> Tensor:
+    return t.flatten(0, 1).unflatten(1, (groups, -1)).flatten(2, 3)
+
+
+def _from_state_mats(t: Tensor, batch: int, heads: int) -> Tensor:
+    return t.unflatten(0, (batch, -1)).flatten(2, 3).unflatten(2, (heads, -1))
+
+
 class Chunks:
     """The quantities of one forward pass that both directions use, in the chunked layout."""
 
     def __init__(self, x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int) -> None:
         dtype = torch.promote_types(x.dtype, torch.float32)
         self.groups = B.shape[2]
+        self.batch = x.shape[0]
         self.x = to_chunks(x.to(dtype), chunk_size)  # (b, c, Q, h, p)
         self.delta = to_chunks(delta.to(dtype), chunk_size)  # (b, c, Q, h)
+        self.heads_per_group = self.x.shape[3] // self.groups
         self.A = A.to(dtype)  # (h,)
         self.B = to_chunks(B.to(dtype), chunk_size)  # (b, c, Q, g, n)
         self.C = to_chunks(C.to(dtype), chunk_size)  # (b, c, Q, g, n)
+        self.B_mats, self.C_mats = _mats(self.B), _mats(self.C)  # (b·c, g, Q, n)
         self.s = torch.cumsum(self.delta * self.A, dim=2)  # (b, c, Q, h)
         self.x_bar = _by_group(self.x * self.delta[..., None], self.groups)  # (b, c, Q, g, r, p)
         # exp(s_l − s_u) for l ≥ u, 0 above the diagonal (masked before exp: s_l − s_u > 0 there).
         s_h = self.s.transpose(2, 3)  # (b, c, h, Q)
         causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=x.device).tril()
-        log_decay = (s_h[..., :, None] - s_h[..., None, :]).masked_fill(~causal, -torch.inf)
-        self.decay = log_decay.exp().unflatten(2, (self.groups, -1))  # (b, c, g, r, l, u)
+        log_decay = (s_h[..., :, None] - s_h[..., None, :]).masked_fill_(~causal, -torch.inf)
+        self.decay = log_decay.exp_().unflatten(2, (self.groups, -1))  # (b, c, g, r, l, u)
         # C_l·B_u, shared by the heads of a group, times the decay: the mixing M (b, c, g, r, l, u).
-        self.scores = torch.einsum("bclgn,bcugn->bcglu", self.C, self.B)
+        self.scores = (self.C_mats @ self.B_mats.transpose(-1, -2)).unflatten(0, (self.batch, -1))
         self.mixing = self.scores[:, :, :, None] * self.decay
-        self.decay_in = _by_group(self.s.exp(), self.groups)  # exp(s_l): (b, c, Q, g, r)
-        self.decay_out = _by_group((self.s[:, :, -1:] - self.s).exp(), self.groups)  # exp(s_Q − s_u)
-        self.chunk_decay = self.s[:, :, -1].exp()  # exp(s_Q): (b, c, h)
+        self.decay_in = _by_group(self.s.exp(), self.groups)[..., None]  # exp(s_l): (b, c, Q, g, r, 1)
+        decay_out = (self.s[:, :, -1:] - self.s).exp()  # exp(s_Q − s_u)
+        self.decay_out = _by_group(decay_out, self.groups)[..., None]  # (b, c, Q, g, r, 1)
+        self.chunk_decay = self.s[:, :, -1].exp()[..., None, None]  # exp(s_Q): (b, c, h, 1, 1)
 
     def states_entering(self, initial: Tensor | None) -> tuple[Tensor, Tensor]:
         """H_in per chunk (b, c, h, p, n) and the final state (b, h, p, n): the one sequential part."""
-        x_bar_out = self.x_bar * self.decay_out[..., None]
-        local = torch.einsum("bcugrp,bcugn->bcgrpn", x_bar_out, self.B).flatten(2, 3)  # (b, c, h, p, n)
-        state = local.new_zeros(local[:, 0].shape) if initial is None else initial.to(local.dtype)
-        entering = []
-        for k in range(local.shape[1]):
-            entering.append(state)
-            state = self.chunk_decay[:, k, :, None, None] * state + local[:, k]
-        return torch.stack(entering, dim=1), state
+        x_bar_out = self.x_bar * self.decay_out
+        local = _rows(x_bar_out).transpose(-1, -2) @ self.B_mats  # Σ_u x̄_u ⊗ B_u: (b·c, g, r·p, n)
+        local = _from_state_mats(local, self.batch, self.x.shape[3])  # (b, c, h, p, n)
+        entering = torch.empty_like(local)
+        if initial is None:
+            entering[:, 0] = 0
+        else:
+            entering[:, 0] = initial
+        for k in range(local.shape[1] - 1):
+            torch.addcmul(local[:, k], self.chunk_decay[:, k], entering[:, k], out=entering[:, k + 1])
+        final = torch.addcmul(local[:, -1], self.chunk_decay[:, -1], entering[:, -1])
+        return entering, final
 
     def output(self, states_in: Tensor) -> Tensor:
         """y (b, c, Q, h, p): the diagonal (within-chunk) plus the off-diagonal (entering state) term."""
         y_diag = torch.einsum("bcgrlu,bcugrp->bclgrp", self.mixing, self.x_bar)
-        return (y_diag + self.off_diagonal(states_in)).flatten(3, 4)
+        return torch.addcmul(y_diag, self.off_diagonal_raw(states_in), self.decay_in).flatten(3, 4)
 
-    def off_diagonal(self, states_in: Tensor) -> Tensor:
-        """exp(s_l)·H_in·C_l: (b, c, Q, g, r, p)."""
-        h_in = states_in.unflatten(2, (self.groups, -1))  # (b, c, g, r, p, n)
-        return torch.einsum("bclgn,bcgrpn->bclgrp", self.C, h_in) * self.decay_in[..., None]
+    def off_diagonal_raw(self, states_in: Tensor) -> Tensor:
+        """H_in·C_l, the off-diagonal term before its decay exp(s_l): (b, c, Q, g, r, p)."""
+        h_in = _state_mats(states_in, self.groups)  # (b·c, g, r·p, n)
+        return _from_rows(self.C_mats @ h_in.transpose(-1, -2), self.batch, self.heads_per_group)
 
 
 def scan_backward(
@@ -119,22 +155,22 @@ def scan_backward(
         ∂s_Q    += exp(s_Q)·⟨G_out, H_in⟩ + Σ_u e_u
     then ∂a = reverse cumsum of ∂s within the chunk (s is a cumsum of a = Δ·A), and x̄ = Δ·x.
     """
-    groups = chunks.groups
+    groups, batch, per_group = chunks.groups, chunks.batch, chunks.heads_per_group
     dy = _by_group(grad_y, groups)  # (b, c, Q, g, r, p)
 
     # The reverse recurrence over chunks for G_out (b, c, h, p, n) and the initial state's gradient.
-    dy_in = dy * chunks.decay_in[..., None]
-    from_outputs = torch.einsum("bclgrp,bclgn->bcgrpn", dy_in, chunks.C).flatten(2, 3)
-    grad_state = from_outputs.new_zeros(from_outputs[:, 0].shape) if grad_final is None else grad_final
-    leaving = []
-    for k in reversed(range(from_outputs.shape[1])):
-        leaving.append(grad_state)
-        grad_state = chunks.chunk_decay[:, k, :, None, None] * grad_state + from_outputs[:, k]
-    grad_out = torch.stack(leaving[::-1], dim=1)
-    grad_initial = grad_state
-
-    h_in = states_in.unflatten(2, (groups, -1))  # (b, c, g, r, p, n)
-    g_out = grad_out.unflatten(2, (groups, -1))  # (b, c, g, r, p, n)
+    dy_in = dy * chunks.decay_in
+    from_outputs = _rows(dy_in).transpose(-1, -2) @ chunks.C_mats  # (b·c, g, r·p, n)
+    from_outputs = _from_state_mats(from_outputs, batch, chunks.x.shape[3])  # (b, c, h, p, n)
+    grad_out = torch.empty_like(from_outputs)
+    if grad_final is None:
+        grad_out[:, -1] = 0
+    else:
+        grad_out[:, -1] = grad_final
+    for k in range(from_outputs.shape[1] - 1, 0, -1):
+        torch.addcmul(from_outputs[:, k], chunks.chunk_decay[:, k], grad_out[:, k], out=grad_out[:, k - 1])
+    grad_initial = torch.addcmul(from_outputs[:, 0], chunks.chunk_decay[:, 0], grad_out[:, 0])
+    h_in, g_out = _state_mats(states_in, groups), _state_mats(grad_out, groups)  # (b·c, g, r·p, n)
 
     # Diagonal term.
     grad_x_bar = torch.einsum("bcgrlu,bclgrp->bcugrp", chunks.mixing, dy)
@@ -142,21 +178,22 @@ def scan_backward(
     grad_scores = (grad_mixing * chunks.decay).sum(3)  # (b, c, g, l, u)
     grad_C = torch.einsum("bcglu,bcugn->bclgn", grad_scores, chunks.B)
     grad_B = torch.einsum("bcglu,bclgn->bcugn", grad_scores, chunks.C)
-    weighted = grad_mixing * chunks.mixing  # ∂M ⊙ M: (b, c, g, r, l, u)
+    weighted = grad_mixing.mul_(chunks.mixing)  # ∂M ⊙ M: (b, c, g, r, l, u)
     grad_s = (weighted.sum(-1) - weighted.sum(-2)).movedim(-1, 2)  # (b, c, Q, g, r)
 
-    # Off-diagonal term: y_off_l = exp(s_l)·H_in·C_l.
-    grad_C = grad_C + torch.einsum("bclgrp,bcgrpn->bclgn", dy_in, h_in)
-    grad_s = grad_s + (dy * chunks.off_diagonal(states_in)).sum(-1)
+    # Off-diagonal term: y_off_l = exp(s_l)·H_in·C_l, so ∂y_l·y_off_l = (exp(s_l)·∂y_l)·(H_in·C_l).
+    grad_C += (_rows(dy_in) @ h_in).transpose(1, 2).unflatten(0, (batch, -1))
+    grad_s += (dy_in * chunks.off_diagonal_raw(states_in)).sum(-1)
 
     # The state leaving the chunk: H_out = exp(s_Q)·H_in + Σ_u exp(s_Q − s_u)·x̄_u ⊗ B_u.
-    grad_x_bar_out = torch.einsum("bcgrpn,bcugn->bcugrp", g_out, chunks.B) * chunks.decay_out[..., None]
-    grad_x_bar = grad_x_bar + grad_x_bar_out
-    grad_B = grad_B + torch.einsum("bcugrp,bcgrpn->bcugn", chunks.x_bar * chunks.decay_out[..., None], g_out)
-    from_state = (chunks.x_bar * grad_x_bar_out).sum(-1)  # e_u: (b, c, Q, g, r)
-    grad_s = grad_s - from_state
-    through = (g_out * h_in).sum((-2, -1)) * chunks.chunk_decay.unflatten(2, (groups, -1))  # (b, c, g, r)
-    grad_s[:, :, -1] += from_state.sum(2) + through
+    x_bar_out = chunks.x_bar * chunks.decay_out
+    g_out_b = _from_rows(chunks.B_mats @ g_out.transpose(-1, -2), batch, per_group)  # G_out·B_u
+    grad_x_bar.addcmul_(g_out_b, chunks.decay_out)
+    grad_B += (_rows(x_bar_out) @ g_out).transpose(1, 2).unflatten(0, (batch, -1))
+    from_state = (x_bar_out * g_out_b).sum(-1)  # e_u: (b, c, Q, g, r)
+    grad_s -= from_state
+    through = (grad_out * states_in).sum((-2, -1)) * chunks.chunk_decay[..., 0, 0]  # exp(s_Q)·⟨G_out, H_in⟩
+    grad_s[:, :, -1] += from_state.sum(2) + through.unflatten(2, (groups, -1))
 
     grad_s = grad_s.flatten(3, 4)  # (b, c, Q, h)
     grad_a = grad_s.flip(2).cumsum(2).flip(2)  # s = cumsum(a): ∂a_t = Σ_{l ≥ t} ∂s_l
