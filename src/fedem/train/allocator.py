@@ -2,11 +2,12 @@
 
 A training step allocates and frees the same large activation buffers every step. glibc's malloc
 serves a block above its mmap threshold (dynamic, at most 32 MiB) with a fresh `mmap` and returns it
-to the kernel on `free`, so every step page-faults its activations in again, zero-filled: measured on
-2 cores (bench/README.md), seshu-small at length 512 spent 0.76 s of a 2.6 s step in the kernel, and
-at length 2048 19 s of a 23 s step; the Llama baseline 0.6 s of 1.3 s. With both thresholds raised,
-freed blocks stay in the heap for the next step: 1.2× (length 512) to 2× (length 2048) more tokens/s,
-for both architectures, at a peak RSS ~5% higher. This is what jemalloc or tcmalloc, which PyTorch's
+to the kernel on `free`, and trims the heap's free top above 128 KiB, so every step page-faults its
+activations in again, zero-filled. Measured on 2 cores (bench/README.md): seshu-small at length 512
+spent 0.76 s of a 2.6 s step in the kernel, and at length 2048 19 s of a 23 s step; the Llama
+baseline 0.6 s of 1.3 s. With the mmap threshold raised and trimming off, freed blocks stay in the
+heap for the next step: 1.35× (length 512) to 1.7× (length 2048) more tokens/s for both
+architectures, at a peak RSS ~5-10% higher. This is what jemalloc or tcmalloc, which PyTorch's
 CPU tuning guide recommends preloading, do by design; raising the thresholds gets it without a
 preload. Both thresholds must be set: setting only the trim threshold switches the dynamic mmap
 threshold off and leaves it at 128 KiB, which is slower than the defaults.
@@ -20,7 +21,9 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
-KEEP_BYTES = 1 << 30  # blocks below this come from the heap, and the heap keeps this much when freed
+HEAP_BELOW = 1 << 30  # blocks below this size come from the heap, not from a fresh mmap
+NEVER_TRIM = -1  # the heap's free top is never handed back (with a 1 GiB trim threshold, a length-2048
+# step still freed more than that at its end and faulted it in again: 3.9 s of 8.9 s in the kernel)
 
 
 def keep_freed_memory() -> bool:
@@ -33,7 +36,7 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):  # no C library by that name, or one without mallopt
         return False
-    kept = bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+    kept = bool(mallopt(M_MMAP_THRESHOLD, HEAP_BELOW)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
     if not kept:
         log.debug("mallopt refused the thresholds; keeping the C library's defaults")
     return kept
