@@ -16,10 +16,12 @@ from fedem.model.scan import (
     CONV_UPDATE,
     DEFAULT_SCAN,
     SCANS,
+    STATE_UPDATE,
     conv_step,
     sequential_scan,
     split_conv1d_scan_combined,
     ssd_scan,
+    state_step,
     use_scan,
 )
 from fedem.model.seshu import SeshuSize, build_model
@@ -226,6 +228,8 @@ def test_scans_registry_and_default() -> None:
     assert modeling_mamba2.mamba2_chunk_scan is DEFAULT_SCAN
     assert modeling_mamba2.causal_conv1d_update is conv_step
     assert modeling_mamba2.mamba2_split_conv1d_scan_combined is split_conv1d_scan_combined
+    assert modeling_mamba2.mamba2_selective_state_update is state_step
+    assert STATE_UPDATE.__module__ == modeling_mamba2.__name__
     assert CONV_UPDATE.__module__ == modeling_mamba2.__name__
 
 
@@ -251,6 +255,39 @@ def test_conv_step_matches_transformers_decode_convolution(
     several = torch.randn(batch, channels, 3)
     expected = CONV_UPDATE(several, theirs.clone(), weight, bias, activation)
     torch.testing.assert_close(conv_step(several, ours.clone(), weight, bias, activation), expected)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("with_skip", [True, False])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_state_step_matches_transformers_decode_update(groups: int, with_skip: bool, softplus: bool) -> None:
+    """The same output and the same updated SSM state as transformers' `selective_state_update`, with
+    the per-head parameters expanded as `Mamba2Mixer` passes them, over a few steps; a gate or a Δ that
+    varies along a head goes to transformers' function."""
+    torch.manual_seed(0)
+    batch, heads, head_dim, state = 2, 4, 8, 6
+    A = (-torch.rand(heads))[:, None, None].expand(-1, head_dim, state)
+    D = torch.randn(heads)[:, None].expand(-1, head_dim) if with_skip else None
+    dt_bias = torch.randn(heads)[:, None].expand(-1, head_dim)
+    theirs = torch.randn(batch, heads, head_dim, state)
+    ours = theirs.clone()
+    for _ in range(3):
+        x = torch.randn(batch, heads, head_dim)
+        dt = torch.randn(batch, heads, 1).expand(-1, -1, head_dim)
+        B, C = torch.randn(batch, groups, state), torch.randn(batch, groups, state)
+        args = (x, dt, A, B, C)
+        expected = STATE_UPDATE(theirs, *args, D=D, dt_bias=dt_bias, dt_softplus=softplus)
+        step = state_step(ours, *args, D=D, dt_bias=dt_bias, dt_softplus=softplus)
+        torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    dt_per_channel = torch.randn(batch, heads, head_dim)
+    expected = STATE_UPDATE(theirs.clone(), x, dt_per_channel, A, B, C, D=D, dt_bias=dt_bias)
+    torch.testing.assert_close(
+        state_step(ours.clone(), x, dt_per_channel, A, B, C, D=D, dt_bias=dt_bias), expected
+    )
+    z = torch.randn(batch, heads, head_dim)
+    expected = STATE_UPDATE(theirs.clone(), *args, D=D, z=z, dt_bias=dt_bias)
+    torch.testing.assert_close(state_step(ours.clone(), *args, D=D, z=z, dt_bias=dt_bias), expected)
 
 
 def test_fedem_scan_environment_variable_picks_the_default() -> None:

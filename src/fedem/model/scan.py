@@ -31,8 +31,12 @@ Glossary (code name → Mamba-2 paper symbol, shape as passed to the scan):
     state_size     N      entries of B, C and of h per head channel (the last axis of B, C, h)
     head_dim       P      channels per head
 
-The same import also installs `conv_step` in place of transformers' torch `causal_conv1d_update`, the
-convolution of one decoding step (see its docstring: a dot product per channel instead of a conv1d call).
+The same import installs three more of fedem's functions in place of transformers' torch fallbacks
+(never in place of a mamba-ssm / causal-conv1d kernel):
+    `split_conv1d_scan_combined`  a training layer between its projections as one autograd Function
+                                  (`fedem.model.mixer`), taken only while `ssd_scan` is the scan
+    `conv_step`                   one decoding step's convolution: a dot product per channel
+    `state_step`                  one decoding step's state update on per-head Δ, A and D
 
 The recurrence, per head and head channel, with Δ_t = clamp(softplus(dt_t + dt_bias), *dt_limit):
     h_t = exp(Δ_t · A) · h_{t-1} + Δ_t · B_t · x_t       (h_0 = initial_states, or 0)
@@ -237,6 +241,59 @@ def conv_step(
     return out.to(hidden_states.dtype)
 
 
+# transformers' torch `selective_state_update`, kept: `state_step` hands it what it does not cover.
+STATE_UPDATE: Final[ScanFn] = modeling_mamba2.mamba2_selective_state_update
+
+
+def state_step(
+    state: torch.Tensor,
+    hidden_states: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """One decoding step of the recurrence; a drop-in for transformers' `selective_state_update`.
+
+    Shapes (b batch, h heads, p head_dim, g groups, n state), as `Mamba2Mixer` passes them:
+        state (b, h, p, n), updated in place   hidden_states (b, h, p)   dt (b, h, p)   A (h, p, n)
+        B, C (b, g, n)   D, dt_bias (h, p)   → y (b, h, p)
+    Mamba-2's Δ, A, D and dt_bias are one number per head, which the mixer expands (stride 0) to these
+    shapes; this works on the per-head numbers and lets the groups broadcast instead of copying B and
+    C per head: ten tensor operations where the fallback takes about twenty, which is most of a
+    step's cost at one token (bench/README.md). Anything else — Δ that varies along a head, a gate z —
+    goes to transformers' function.
+    """
+    per_head = dt.stride(-1) == 0 and A.stride(-1) == A.stride(-2) == 0
+    per_head = per_head and (D is None or D.stride(-1) == 0) and (dt_bias is None or dt_bias.stride(-1) == 0)
+    if z is not None or not per_head or kwargs:
+        return STATE_UPDATE(
+            state, hidden_states, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
+        )
+    batch, heads, head_dim = hidden_states.shape
+    groups = B.shape[1]
+    delta = dt[..., 0].float()  # Δ per head: (b, h)
+    if dt_bias is not None:
+        delta = delta + dt_bias[:, 0]
+    if dt_softplus:
+        delta = F.softplus(delta)
+    by_group = state.view(batch, groups, heads // groups, head_dim, -1)  # (b, g, r, p, n)
+    decay = torch.exp(delta * A[:, 0, 0]).view(batch, groups, -1, 1, 1)  # exp(Δ·A): (b, g, r, 1, 1)
+    x_bar = (hidden_states * delta[..., None]).view(batch, groups, -1, head_dim, 1)  # Δ·x: (b, g, r, p, 1)
+    by_group.mul_(decay).addcmul_(x_bar, B.view(batch, groups, 1, 1, -1).to(state.dtype))
+    y = (state.view(batch, groups, -1, state.shape[-1]) @ C.view(batch, groups, -1, 1).to(state.dtype)).view(
+        batch, heads, head_dim
+    )  # C·h: (b, g, r·p, n) @ (b, g, n, 1)
+    if D is not None:
+        y = y.addcmul_(hidden_states, D)
+    return y.to(hidden_states.dtype)
+
+
 def split_conv1d_scan_combined(
     zxbcdt: torch.Tensor,
     conv1d_weight: torch.Tensor,
@@ -301,5 +358,7 @@ if _is_torch_fallback(modeling_mamba2.mamba2_chunk_scan):
     modeling_mamba2.mamba2_chunk_scan = DEFAULT_SCAN
 if _is_torch_fallback(modeling_mamba2.causal_conv1d_update):
     modeling_mamba2.causal_conv1d_update = conv_step
+if _is_torch_fallback(modeling_mamba2.mamba2_selective_state_update):
+    modeling_mamba2.mamba2_selective_state_update = state_step
 if _is_torch_fallback(modeling_mamba2.mamba2_split_conv1d_scan_combined):
     modeling_mamba2.mamba2_split_conv1d_scan_combined = split_conv1d_scan_combined
