@@ -25,6 +25,7 @@ from peft import LoraConfig, get_peft_model
 from transformers.utils import logging
 
 from fedem.model.seshu import LORA_TARGETS, build_model, count_parameters
+from fedem.train.allocator import keep_freed_memory
 from generation_latency import SMALL, TINY, VOCAB, Vocab
 from machine import machine_info, machine_line
 
@@ -68,6 +69,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     logging.set_verbosity_error()
+    keep_freed_memory()  # as fedem's training does (`fedem.train.allocator`), for both runs
     size, length = (TINY, 64) if args.quick else (SMALL, args.length)
     generator = torch.Generator().manual_seed(0)
     batches = [

@@ -46,6 +46,10 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "head_dim":
 # attention baseline of bench/vs_llama.py, measured by this harness under the path name "llama".
 LLAMA = {"hidden_size": 256, "num_hidden_layers": 6, "intermediate_size": 768, "num_attention_heads": 4}
 LLAMA_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2}
+# A MambaForCausalLM (Mamba-1) of seshu-small's width, depth and parameter count (7.31M at vocabulary
+# 8,000) on its best stock CPU path, `use_mambapy`: the path name "mamba1". Issue 5: Seshu ≥ 10× it.
+MAMBA1 = {"hidden_size": 256, "num_hidden_layers": 12, "state_size": 16}
+MAMBA1_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16}
 VOCAB = 16_000
 MIB, GIB = 1 << 20, 1 << 30
 
@@ -54,7 +58,8 @@ MIB, GIB = 1 << 20, 1 << 30
 class Job:
     """One (scan path, length, batch) configuration, measured in its own process.
 
-    `path` is a `SCANS` name, or "llama" for the attention model of `size` (a LlamaConfig's fields).
+    `path` is a `SCANS` name, "llama" for the attention model of `size` (a LlamaConfig's fields), or
+    "mamba1" for a Mamba-1 on transformers' `use_mambapy` path (a MambaConfig's fields).
     """
 
     path: str
@@ -88,7 +93,7 @@ def _peak_rss_mib() -> float:
 
 def build(job: Job) -> Any:
     """The model `job` trains: a Seshu of `job.size`, or for path "llama" a LlamaForCausalLM of it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
 
     from fedem.model.seshu import SeshuSize, build_model
 
@@ -97,6 +102,10 @@ def build(job: Job) -> Any:
             vocab_size=job.vocab, tie_word_embeddings=True, max_position_embeddings=job.length, **job.size
         )
         return LlamaForCausalLM(config)
+    if job.path == "mamba1":
+        return MambaForCausalLM(
+            MambaConfig(vocab_size=job.vocab, tie_word_embeddings=True, use_mambapy=True, **job.size)
+        )
     return build_model(SeshuSize(**job.size), _Vocab(job.vocab))  # type: ignore[arg-type]
 
 
@@ -132,7 +141,7 @@ def measure(job: Job) -> dict[str, Any]:
         return float(loss.detach())
 
     step_seconds: list[float] = []
-    with contextlib.nullcontext() if job.path == "llama" else use_scan(job.path):
+    with contextlib.nullcontext() if job.path in ("llama", "mamba1") else use_scan(job.path):
         start = time.perf_counter()
         for _ in range(job.warmup):
             step()

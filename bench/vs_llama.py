@@ -30,6 +30,8 @@ import train_throughput as harness  # noqa: E402 — the per-process measuring h
 from machine import machine_info, memory_available  # noqa: E402
 
 PATHS = ("llama", "chunked", "ssd")
+MAMBA1_LENGTHS = (512,)  # Mamba-1's use_mambapy needs ~12 GB at 512 and 4× that at 2048
+MAMBA1_TARGET = 10.0  # seshu (ssd) tokens/s over Mamba-1 use_mambapy's, at least
 VOCAB = 8_000
 SPEED_TARGETS = {512: 0.8, 2048: 1.2}  # seshu tokens/s over Llama's, at these lengths
 MEMORY_TARGETS = {512: 1.3}  # seshu peak RSS over Llama's, at most
@@ -56,6 +58,16 @@ def summarise(results: list[dict[str, Any]], lengths: list[int]) -> list[dict[st
                     "speed_target": SPEED_TARGETS.get(length),
                     "memory_vs_llama": ratio(by_path.get(path), llama, "peak_rss_mib"),
                     "memory_target": MEMORY_TARGETS.get(length),
+                }
+            )
+        if "mamba1" in by_path:
+            rows.append(
+                {
+                    "length": length,
+                    "path": "ssd / Mamba-1 use_mambapy",
+                    "speed_vs_mamba1": ratio(by_path.get("ssd"), by_path["mamba1"], "tokens_per_s"),
+                    "speed_target": MAMBA1_TARGET,
+                    "memory_vs_mamba1": ratio(by_path.get("ssd"), by_path["mamba1"], "peak_rss_mib"),
                 }
             )
         rows.append(
@@ -113,7 +125,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---:|---|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        name = r["path"] if r["path"] == "llama" else f"seshu, {r['path']} scan"
+        name = {"llama": "llama", "mamba1": "Mamba-1, use_mambapy"}.get(r["path"], f"seshu, {r['path']} scan")
         if "error" in r:
             lines.append(f"| {r['length']} | {name} | — | — | failed: {r['error']} | — |")
             continue
@@ -130,6 +142,9 @@ def markdown(report: dict[str, Any]) -> str:
         if "speed_vs_llama" in row:
             speed = verdict(row["speed_vs_llama"], row["speed_target"], at_least=True)
             memory = verdict(row["memory_vs_llama"], row["memory_target"], at_least=False)
+        elif "speed_vs_mamba1" in row:
+            speed = f"ssd / Mamba-1: {verdict(row['speed_vs_mamba1'], row['speed_target'], True)}"
+            memory = f"ssd / Mamba-1: {verdict(row['memory_vs_mamba1'], None, False)}"
         else:
             speed = f"ssd / chunked: {verdict(row['speed_vs_chunked'], None, True)}"
             memory = f"ssd / chunked: {verdict(row['memory_vs_chunked'], None, False)}"
@@ -164,6 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     seshu = harness.TINY if args.quick else harness.SMALL
     llama = harness.LLAMA_TINY if args.quick else harness.LLAMA
+    mamba1 = harness.MAMBA1_TINY if args.quick else harness.MAMBA1
     vocab = 1000 if args.quick else VOCAB
     if args.mem_limit_gib is None:
         mem_limit = int(0.8 * memory_available())
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
     results = []
     for length in sorted(args.lengths):
-        for path in PATHS:
+        for path in PATHS + (("mamba1",) if length in MAMBA1_LENGTHS or args.quick else ()):
             job = harness.Job(
                 path=path,
                 length=length,
@@ -180,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 warmup=args.warmup,
                 steps=args.steps,
                 budget_s=args.budget,
-                size=llama if path == "llama" else seshu,
+                size={"llama": llama, "mamba1": mamba1}.get(path, seshu),
                 vocab=vocab,
                 threads=args.threads,
                 mem_limit_bytes=mem_limit,
@@ -199,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **{k: v for k, v in vars(args).items() if k != "out"},
             "seshu_size": seshu,
             "llama_size": llama,
+            "mamba1_size": mamba1,
             "vocab": vocab,
             "mem_limit_bytes": mem_limit,
         },

@@ -149,18 +149,21 @@ def test_out_of_memory_halves_the_batch_and_retimes_chunked(tmp_path: Path, monk
 
 
 def test_vs_llama_quick_run_reports_ratios_against_the_targets(tmp_path: Path) -> None:
-    """`bench/vs_llama.py --quick`: Llama, stock-scan and ssd-scan Seshu each train in a child process."""
+    """`bench/vs_llama.py --quick`: Llama, stock-scan and ssd-scan Seshu and a Mamba-1 on use_mambapy each
+    train in a child process."""
     out = tmp_path / "results"
     report = run_quick("vs_llama.py", out)
     assert (out / "vs_llama.md").read_text(encoding="utf-8").startswith("# Training: seshu-small vs")
-    assert [r["path"] for r in report["results"]] == ["llama", "chunked", "ssd"]
+    assert [r["path"] for r in report["results"]] == ["llama", "chunked", "ssd", "mamba1"]
     for result in report["results"]:
         assert "error" not in result, result
         assert result["tokens_per_s"] > 0 and result["peak_rss_mib"] > 0
-    assert set(report["parameters"]) == {"llama", "chunked", "ssd"}
+    assert set(report["parameters"]) == {"llama", "chunked", "ssd", "mamba1"}
     rows = {row["path"]: row for row in report["summary"]}
     assert rows["ssd"]["speed_vs_llama"] > 0 and rows["ssd"]["memory_vs_llama"] > 0
     assert rows["ssd / chunked"]["speed_vs_chunked"] > 0
+    assert rows["ssd / Mamba-1 use_mambapy"]["speed_vs_mamba1"] > 0
+    assert rows["ssd / Mamba-1 use_mambapy"]["speed_target"] == 10.0
 
 
 def test_vs_llama_verdicts_say_by_how_much_a_target_is_missed() -> None:
