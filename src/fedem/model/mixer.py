@@ -5,7 +5,7 @@ projections to `mamba2_split_conv1d_scan_combined` (mamba-ssm's fused CUDA kerne
 and, when that returns None, runs its torch path step by step: a depthwise `F.conv1d` on a transposed
 copy of the input, SiLU, the scan, the D skip and the gated RMSNorm, each kept by autograd for
 backward. On a CPU that path spends more time on layout copies, the convolution's backward (mkldnn's
-depthwise kernel) and activation storage than on arithmetic (docs/design.md, "fast mixer").
+depthwise kernel) and activation storage than on arithmetic (docs/design.md, "The fast CPU path").
 
 `split_conv1d_scan_combined` takes that offer on the CPU. `MixerCore` computes the same layer in the
 input's own (batch, length, channels) layout — the convolution as k shifted multiply-adds, so there is
@@ -101,7 +101,6 @@ class _Layer:
         self.act = F.silu(self.u)  # x, B and C side by side
         self.dt_in = dt + dt_bias.to(dtype)
         self.delta = F.softplus(self.dt_in).clamp(*dt_limit)
-        self.dt_limit = dt_limit
 
     def x_b_c(self) -> tuple[Tensor, Tensor, Tensor]:
         """x (b, l, H, P), B and C (b, l, G, N): views into SiLU(u)."""

@@ -2,8 +2,9 @@
 
 Seshu *is* transformers' `Mamba2ForCausalLM`: a checkpoint is a plain HF folder that
 `AutoModelForCausalLM.from_pretrained` loads without fedem installed. Mamba-2 was chosen over
-Mamba-1 by measurement on a 2-core CPU (see docs/design.md): its chunked scan trains ~6× faster than
-Mamba-1's best stock path with half the memory.
+Mamba-1 by measurement on a 2-core CPU (see docs/design.md): its stock chunked scan trains ~6× faster
+than Mamba-1's best stock path with half the memory, and fedem's fast path (`fedem.model.scan`) ~120×
+(bench/results/vs_llama.md).
 
 Glossary (Mamba-2 paper → config field):
     D_model  hidden_size        width of the residual stream

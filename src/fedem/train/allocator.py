@@ -6,8 +6,8 @@ to the kernel on `free`, and trims the heap's free top above 128 KiB, so every s
 activations in again, zero-filled. Measured on 2 cores (bench/README.md): seshu-small at length 512
 spent 0.76 s of a 2.6 s step in the kernel, and at length 2048 19 s of a 23 s step; the Llama
 baseline 0.6 s of 1.3 s. With the mmap threshold raised and trimming off, freed blocks stay in the
-heap for the next step: 1.35× (length 512) to 1.7× (length 2048) more tokens/s for both
-architectures, at a peak RSS ~5-10% higher. This is what jemalloc or tcmalloc, which PyTorch's
+heap for the next step: 1.2× (length 512) to 2.4× (length 2048) more tokens/s for Seshu, 1.4× and
+1.7× for the Llama baseline, at a peak RSS ~5-10% higher. This is what jemalloc or tcmalloc, which PyTorch's
 CPU tuning guide recommends preloading, do by design; raising the thresholds gets it without a
 preload. Both thresholds must be set: setting only the trim threshold switches the dynamic mmap
 threshold off and leaves it at 128 KiB, which is slower than the defaults.
