@@ -272,9 +272,8 @@ def state_step(
     per_head = dt.stride(-1) == 0 and A.stride(-1) == A.stride(-2) == 0
     per_head = per_head and (D is None or D.stride(-1) == 0) and (dt_bias is None or dt_bias.stride(-1) == 0)
     if z is not None or not per_head or kwargs:
-        return STATE_UPDATE(
-            state, hidden_states, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus
-        )
+        fallback = {"D": D, "z": z, "dt_bias": dt_bias, "dt_softplus": dt_softplus, **kwargs}
+        return STATE_UPDATE(state, hidden_states, dt, A, B, C, **fallback)
     batch, heads, head_dim = hidden_states.shape
     groups = B.shape[1]
     delta = dt[..., 0].float()  # Δ per head: (b, h)
