@@ -72,7 +72,6 @@ class Job:
     vocab: int
     threads: int
     mem_limit_bytes: int  # RLIMIT_AS of the child; 0 = none
-    tune_allocator: bool = True  # `fedem.train.allocator.keep_freed_memory()` first, as fedem's training does
 
 
 class _Vocab:
@@ -121,7 +120,7 @@ def measure(job: Job) -> dict[str, Any]:
     from fedem.train.allocator import keep_freed_memory
 
     # As `fedem.train` does before training; for every path, the baseline included, so ratios stay fair.
-    allocator_tuned = keep_freed_memory() if job.tune_allocator else False
+    allocator_tuned = keep_freed_memory()
     logging.set_verbosity_error()  # the stock scan warns once that mamba_ssm is missing; expected on CPU
     if job.threads:
         torch.set_num_threads(job.threads)

@@ -10,14 +10,10 @@ from transformers.models.mamba2 import modeling_mamba2
 
 from fedem.model.mixer import MixerCore, causal_conv, causal_conv_backward
 from fedem.model.scan import sequential_scan, split_conv1d_scan_combined, use_scan
-from fedem.model.seshu import SeshuSize, build_model
+from fedem.model.seshu import build_model
+from tests.model.conftest import TINY, TinyVocab, rel_err
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("length", [1, 3, 4, 29])
@@ -147,16 +143,6 @@ def test_only_the_gradients_asked_for_are_computed() -> None:
     assert rel_err(grads[0], all_grads[0]) < 1e-14
 
 
-class _Vocab:
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def __len__(self) -> int:
-        return 97
-
-
-TINY = SeshuSize(hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=8, n_groups=2, chunk_size=8)
-
-
 @pytest.fixture
 def offers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records each call transformers makes to the fused-layer hook, and whether fedem took it."""
@@ -173,7 +159,7 @@ def offers(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 def test_training_forward_takes_the_fused_layer(offers: list[bool]) -> None:
     torch.manual_seed(0)
-    model = build_model(TINY, _Vocab()).train()
+    model = build_model(TINY, TinyVocab()).train()
     ids = torch.randint(3, 97, (2, 19))
     model(input_ids=ids, labels=ids).loss.backward()
     assert offers == [True, True]

@@ -24,8 +24,9 @@ from fedem.model.scan import (
     state_step,
     use_scan,
 )
-from fedem.model.seshu import SeshuSize, build_model
+from fedem.model.seshu import build_model
 from fedem.model.ssd import ChunkedScan
+from tests.model.conftest import TINY, TinyVocab, rel_err
 
 TOLERANCE = {torch.float64: 1e-5, torch.float32: 1e-4}
 
@@ -54,12 +55,6 @@ CASES = [
     Case(batch=2, length=40, groups=3, initial_states=True, skip=True, heads=6, head_dim=4, state=5, chunk=8),
     Case(batch=2, length=45, groups=2, initial_states=False, skip=True, dt_limit=(0.05, 0.9)),
 ]
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Norm-wise relative error, in float64."""
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def make_inputs(case: Case, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -320,23 +315,11 @@ def test_use_scan_installs_and_restores() -> None:
     assert modeling_mamba2.mamba2_chunk_scan is original
 
 
-class _Vocab:
-    """Just enough of a tokenizer for `seshu_config`: a length and the special ids."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def __len__(self) -> int:
-        return 97
-
-
-TINY = SeshuSize(hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=8, n_groups=2, chunk_size=8)
-
-
 @pytest.mark.parametrize("scan", ["chunked", "ssd"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_model_logits_and_grads_agree(scan: str, training: bool) -> None:
     torch.manual_seed(0)
-    model = build_model(TINY, _Vocab())
+    model = build_model(TINY, TinyVocab())
     model.train(training)
     ids = torch.randint(3, 97, (2, 21))
 
@@ -369,7 +352,7 @@ def test_model_logits_and_grads_agree(scan: str, training: bool) -> None:
 def test_model_with_cache_agrees(scan: str) -> None:
     """The cached (generation) path asks the scan for its final state."""
     torch.manual_seed(0)
-    model = build_model(TINY, _Vocab()).eval()
+    model = build_model(TINY, TinyVocab()).eval()
     ids = torch.randint(3, 97, (1, 13))
     with torch.no_grad():
         with use_scan(scan):

@@ -112,14 +112,11 @@ class _Layer:
         )
 
 
-def _gated_norm(
-    y: Tensor, z: Tensor, weight: Tensor, groups: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """out = weight · n̂ with n̂ = g / rms(g) per group, g = y · SiLU(z); also returns n̂ and 1/rms."""
+def _gated_norm(y: Tensor, z: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
+    """n̂ = g / rms(g) per group, g = y · SiLU(z), and 1/rms; the norm's output is weight · n̂."""
     gated = (y * F.silu(z)).unflatten(-1, (groups, -1))  # (b, l, G, I/G)
     inv_rms = torch.rsqrt(gated.pow(2).mean(-1, keepdim=True) + eps)
-    normed = (gated * inv_rms).flatten(-2)
-    return normed * weight, normed, inv_rms
+    return (gated * inv_rms).flatten(-2), inv_rms
 
 
 class MixerCore(torch.autograd.Function):
@@ -154,7 +151,8 @@ class MixerCore(torch.autograd.Function):
         length = zxbcdt.shape[1]
         y = from_chunks(chunks.output(states_in), length) + D.to(x.dtype)[:, None] * x  # (b, l, H, P)
         y = y.flatten(-2)
-        out, _, _ = _gated_norm(y, layer.z, norm_weight.to(y.dtype), groups, eps)
+        normed, _ = _gated_norm(y, layer.z, groups, eps)
+        out = normed * norm_weight.to(y.dtype)
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y)
         ctx.settings = (eps, chunk_size, groups, dt_limit)
         return out.to(zxbcdt.dtype)
@@ -175,7 +173,7 @@ class MixerCore(torch.autograd.Function):
         grad_z, grad_xbc, grad_dt = grad_zxbcdt.split([inner, conv_dim, heads], dim=-1)
 
         # Gated RMSNorm: out = w · n̂, n̂ = g·r, g = y·SiLU(z), r = 1/rms(g) per group.
-        _, normed, inv_rms = _gated_norm(y, layer.z, norm_weight.to(y.dtype), groups, eps)
+        normed, inv_rms = _gated_norm(y, layer.z, groups, eps)
         grad_norm_weight = (grad_out * normed).sum((0, 1)) if need[6] else None
         grad_normed = (grad_out * norm_weight.to(y.dtype)).unflatten(-1, (groups, -1))
         normed_g = normed.unflatten(-1, (groups, -1))
