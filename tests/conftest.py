@@ -3,7 +3,13 @@
 Both are built from the shipped data in seconds, once per test session.
 """
 
+import os
 from pathlib import Path
+
+# The suite trains tiny models in many shapes, each of which torch.compile would compile anew; it runs
+# fedem's training mixer eagerly (also in the CLI and server subprocesses, which inherit this), and
+# tests the compiled mixer on its own (tests/model/test_mixer.py).
+os.environ.setdefault("FEDEM_COMPILE", "0")
 
 import pytest
 import torch

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.mamba2 import modeling_mamba2
 
-from fedem.model.mixer import MixerCore, causal_conv, causal_conv_backward
+from fedem.model import mixer
+from fedem.model.mixer import MixerCore, causal_conv, causal_conv_backward, tiles
 from fedem.model.scan import sequential_scan, split_conv1d_scan_combined, use_scan
 from fedem.model.seshu import build_model
 from tests.model.conftest import TINY, TinyVocab, rel_err
@@ -52,7 +53,25 @@ CASES = [
     Case(batch=1, length=16, groups=2, conv_bias=False),
     Case(batch=2, length=3, groups=4, heads=8, head_dim=4),
     Case(batch=2, length=30, groups=2, dt_limit=(0.05, 0.6)),
+    Case(batch=5, length=6, groups=1),
 ]
+# Tiles of 16 tokens, at chunk 8: two-chunk segments of one row for the longer cases (the state and the
+# convolution's context cross from one segment to the next), several rows a tile for the short ones.
+SMALL_TILES = 16
+
+
+def test_tiles_stack_short_rows_and_cut_long_ones_at_chunk_boundaries() -> None:
+    assert tiles(batch=2, length=30, chunk_size=8, tile_tokens=SMALL_TILES) == (
+        1,
+        [slice(0, 16), slice(16, 30)],
+    )
+    assert tiles(batch=5, length=6, chunk_size=8, tile_tokens=SMALL_TILES) == (2, [slice(0, 6)])
+    assert tiles(batch=8, length=2048, chunk_size=64, tile_tokens=512) == (
+        1,
+        [slice(0, 512), slice(512, 1024), slice(1024, 1536), slice(1536, 2048)],
+    )
+    assert tiles(batch=8, length=128, chunk_size=64, tile_tokens=512) == (4, [slice(0, 128)])
+    assert tiles(batch=1, length=100, chunk_size=64, tile_tokens=32) == (1, [slice(0, 64), slice(64, 100)])
 
 
 def make_inputs(case: Case, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
@@ -100,12 +119,14 @@ def reference_layer(case: Case, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, n
     return normed.flatten(-2) * norm_weight
 
 
-def run(case: Case, inputs: dict[str, torch.Tensor | None], fused: bool) -> tuple[torch.Tensor, list]:
+def run(
+    case: Case, inputs: dict[str, torch.Tensor | None], fused: bool, tile_tokens: int = 1 << 16
+) -> tuple[torch.Tensor, list]:
     for t in inputs.values():
         if t is not None:
             t.grad = None
     if fused:
-        out = MixerCore.apply(*inputs.values(), 1e-6, case.chunk, case.groups, case.dt_limit)
+        out = MixerCore.apply(*inputs.values(), 1e-6, case.chunk, case.groups, case.dt_limit, tile_tokens)
     else:
         out = reference_layer(case, *inputs.values())
     torch.manual_seed(2)
@@ -113,11 +134,12 @@ def run(case: Case, inputs: dict[str, torch.Tensor | None], fused: bool) -> tupl
     return out.detach(), [None if t is None else t.grad for t in inputs.values()]
 
 
+@pytest.mark.parametrize("tile_tokens", [1 << 16, SMALL_TILES], ids=["whole", "tiled"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c.batch}l{c.length}g{c.groups}")
-def test_mixer_core_matches_the_step_by_step_layer(case: Case, dtype: torch.dtype) -> None:
+def test_mixer_core_matches_the_step_by_step_layer(case: Case, dtype: torch.dtype, tile_tokens: int) -> None:
     inputs = make_inputs(case, dtype)
-    out, grads = run(case, inputs, fused=True)
+    out, grads = run(case, inputs, fused=True, tile_tokens=tile_tokens)
     reference = {k: None if t is None else t.detach().double().requires_grad_() for k, t in inputs.items()}
     out_ref, grads_ref = run(case, reference, fused=False)
     assert out.dtype == dtype
@@ -141,6 +163,42 @@ def test_only_the_gradients_asked_for_are_computed() -> None:
     assert grads[0] is not None and all(g is None for g in grads[1:])
     _, all_grads = run(case, make_inputs(case, torch.float64), fused=True)
     assert rel_err(grads[0], all_grads[0]) < 1e-14
+
+
+def test_the_compiled_mixer_matches_the_step_by_step_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile of the per-segment math (what training runs by default) on a case cut into two
+    segments, so that both the first segment's graphs and the later segments' (entering state, context)
+    are compiled; they must compile (no eager fallback) and agree with the reference."""
+    forward = mixer._MaybeCompiled(mixer._segment_forward, enabled=True)
+    backward = mixer._MaybeCompiled(mixer._segment_backward, enabled=True)
+    monkeypatch.setattr(mixer, "_FORWARD", forward)
+    monkeypatch.setattr(mixer, "_BACKWARD", backward)
+    case = Case(batch=1, length=32, groups=2)
+    inputs = make_inputs(case, torch.float32)
+    out, grads = run(case, inputs, fused=True, tile_tokens=SMALL_TILES)
+    assert forward.compiled is not None and backward.compiled is not None
+    reference = {k: None if t is None else t.detach().double().requires_grad_() for k, t in inputs.items()}
+    out_ref, grads_ref = run(case, reference, fused=False)
+    assert rel_err(out, out_ref) <= TOLERANCE[torch.float32]
+    for name, grad, grad_ref in zip(inputs, grads, grads_ref, strict=True):
+        assert grad is not None and grad_ref is not None
+        assert rel_err(grad, grad_ref) <= TOLERANCE[torch.float32], name
+
+
+def test_a_failing_compiler_falls_back_to_the_same_math(caplog: pytest.LogCaptureFixture) -> None:
+    def no_compiler(*args: object) -> None:
+        raise RuntimeError("no C++ compiler found")
+
+    forward = mixer._MaybeCompiled(mixer._segment_forward, enabled=False)
+    forward.compiled = no_compiler
+    case = CASES[0]
+    inputs = {k: None if t is None else t.detach() for k, t in make_inputs(case, torch.float32).items()}
+    weights = mixer._Weights(*list(inputs.values())[1:])
+    settings = mixer._Settings(1e-6, case.chunk, case.groups, case.dt_limit)
+    y, out, final = forward(inputs["zxbcdt"], 0, None, weights, settings)
+    assert forward.compiled is None and "no C++ compiler found" in caplog.text
+    expected = mixer._segment_forward(inputs["zxbcdt"], 0, None, weights, settings)
+    assert all(torch.equal(a, b) for a, b in zip((y, out, final), expected, strict=True))
 
 
 @pytest.fixture

@@ -24,7 +24,10 @@ Glossary (shapes; b batch, l length, as in `fedem.model.scan`):
     out      RMSNorm(y · SiLU(z)) per group of I/G channels, scaled  (b, l, I)
 """
 
-from typing import Any
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +35,10 @@ import torch.nn.functional as F
 from fedem.model.ssd import Chunks, from_chunks, scan_backward, to_chunks
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+
+COMPILE = os.environ.get("FEDEM_COMPILE", "1") != "0"
+"""Whether the mixer's per-segment math goes through `torch.compile` (`FEDEM_COMPILE=0`: eager)."""
 
 
 def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -49,40 +56,51 @@ def causal_conv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def causal_conv_backward(
-    grad_out: Tensor, x: Tensor, weight: Tensor, need_weight: bool, grad_x: Tensor | None = None
+    grad_out: Tensor, x: Tensor, weight: Tensor, need_weight: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """∂x (b, l, K) and, if asked, ∂weight (K, k) of `causal_conv` (∂bias is ∂out summed over b, l).
-
-    ∂x is written into `grad_x` where given (a slice of a larger gradient), else into a new tensor.
-    """
+    """∂x (b, l, K) and, if asked, ∂weight (K, k) of `causal_conv` (∂bias is ∂out summed over b, l)."""
     taps = weight.shape[1]
-    grad_x = torch.mul(grad_out, weight[:, -1], out=grad_x)
+    grad_x = grad_out * weight[:, -1]
     for j in range(taps - 1):
         shift = taps - 1 - j
         grad_x[:, :-shift].addcmul_(grad_out[:, shift:], weight[:, j])
     if not need_weight:
         return grad_x, None
-    grad_weight = torch.empty_like(weight)
-    grad_weight[:, -1] = (grad_out * x).sum((0, 1))
-    for j in range(taps - 1):
-        shift = taps - 1 - j
-        grad_weight[:, j] = (grad_out[:, shift:] * x[:, :-shift]).sum((0, 1))
-    return grad_x, grad_weight
+    columns = [
+        (grad_out[:, taps - 1 - j :] * x[:, : x.shape[1] - (taps - 1 - j)]).sum((0, 1)) for j in range(taps)
+    ]
+    return grad_x, torch.stack(columns, dim=1)
 
 
-def _silu_backward(grad: Tensor, u: Tensor, out: Tensor | None = None) -> Tensor:
-    """grad · d SiLU(u)/du, in one pass (ATen's fused kernel), into `out` where given."""
-    if out is None:
-        return torch.ops.aten.silu_backward(grad, u)
-    return torch.ops.aten.silu_backward.grad_input(grad, u, grad_input=out)
+# Rows and length are run in tiles of about this many tokens. Measured on a 2-core CPU (docs/design.md):
+# one layer's forward + backward costs 23 µs a token at (8, 512) in one piece and 18 µs in tiles of 512
+# tokens, whose intermediates (~1 MiB each) stay in a core's L2 cache instead of streaming from L3; at
+# (8, 2048) 29 µs in one piece.
+TILE_TOKENS = 512
+
+
+def tiles(batch: int, length: int, chunk_size: int, tile_tokens: int) -> tuple[int, list[slice]]:
+    """Rows per tile, and the length segments that each tile is run in, in order.
+
+    Sequences that fit are stacked up to `tile_tokens`; a longer one is cut into segments of whole
+    chunks, so that the scan meets the same chunk boundaries as in one piece, and the state leaving one
+    segment enters the next.
+    """
+    segment = max(chunk_size, tile_tokens // chunk_size * chunk_size)
+    if length <= segment:
+        return max(1, tile_tokens // max(length, 1)), [slice(0, length)]
+    return 1, [slice(start, min(start + segment, length)) for start in range(0, length, segment)]
 
 
 class _Layer:
-    """The mixer's quantities that forward and backward both compute from zxbcdt (see the glossary)."""
+    """The mixer's quantities that forward and backward both compute from zxbcdt (see the glossary),
+    for one segment of some rows. `window` is the segment's zxbcdt and the `context` (≤ k − 1)
+    positions before it, which only the convolution reads."""
 
     def __init__(
         self,
-        zxbcdt: Tensor,
+        window: Tensor,
+        context: int,
         conv_weight: Tensor,
         conv_bias: Tensor | None,
         dt_bias: Tensor,
@@ -90,16 +108,18 @@ class _Layer:
         heads: int,
         groups: int,
     ) -> None:
-        dtype = torch.promote_types(zxbcdt.dtype, torch.float32)
+        dtype = torch.promote_types(window.dtype, torch.float32)
         conv_dim = conv_weight.shape[0]
-        self.inner = zxbcdt.shape[-1] - conv_dim - heads
+        self.inner = window.shape[-1] - conv_dim - heads
         self.state = (conv_dim - self.inner) // (2 * groups)
         self.heads, self.groups = heads, groups
-        z, xbc, dt = zxbcdt.to(dtype).split([self.inner, conv_dim, heads], dim=-1)
-        self.z, self.xbc = z, xbc
-        self.u = causal_conv(xbc, conv_weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype))
+        z, xbc, dt = window.to(dtype).split([self.inner, conv_dim, heads], dim=-1)
+        self.z = z[:, context:]
+        self.xbc = xbc  # with the context
+        conv = causal_conv(xbc, conv_weight.to(dtype), None if conv_bias is None else conv_bias.to(dtype))
+        self.u = conv[:, context:]
         self.act = F.silu(self.u)  # x, B and C side by side
-        self.dt_in = dt + dt_bias.to(dtype)
+        self.dt_in = dt[:, context:] + dt_bias.to(dtype)
         self.delta = F.softplus(self.dt_in).clamp(*dt_limit)
 
     def x_b_c(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,13 +139,167 @@ def _gated_norm(y: Tensor, z: Tensor, groups: int, eps: float) -> tuple[Tensor, 
     return (gated * inv_rms).flatten(-2), inv_rms
 
 
+class _Weights(NamedTuple):
+    """The mixer's own parameters, in MixerCore's argument order (after zxbcdt)."""
+
+    conv_weight: Tensor
+    conv_bias: Tensor | None
+    dt_bias: Tensor
+    A: Tensor
+    D: Tensor
+    norm_weight: Tensor
+
+
+class _Settings(NamedTuple):
+    eps: float
+    chunk_size: int
+    groups: int
+    dt_limit: tuple[float, float]
+
+
+def _segment_forward(
+    window: Tensor, context: int, initial: Tensor | None, w: _Weights, cfg: _Settings
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y, out (see the glossary) and the state leaving, for one segment of some rows from the state
+    entering it. `window` is the segment's zxbcdt and the `context` positions before it."""
+    heads = w.A.shape[0]
+    layer = _Layer(window, context, w.conv_weight, w.conv_bias, w.dt_bias, cfg.dt_limit, heads, cfg.groups)
+    x, B, C = layer.x_b_c()
+    chunks = Chunks(x, layer.delta, w.A, B, C, cfg.chunk_size)
+    states_in, final = chunks.states_entering(initial)
+    scanned = from_chunks(chunks.output(states_in), x.shape[1])  # (b, l, H, P)
+    y = torch.addcmul(scanned, w.D.to(x.dtype)[:, None], x).flatten(-2)
+    normed, _ = _gated_norm(y, layer.z, cfg.groups, cfg.eps)
+    return y, normed.mul_(w.norm_weight.to(y.dtype)), final
+
+
+def _segment_backward(
+    grad_out: Tensor,
+    window: Tensor,
+    context: int,
+    y: Tensor,
+    initial: Tensor | None,
+    grad_final: Tensor | None,
+    w: _Weights,
+    cfg: _Settings,
+    need: tuple[bool, ...],
+) -> tuple[tuple[Tensor, Tensor, Tensor], list[Tensor | None], Tensor]:
+    """Backward through one segment of some rows, given ∂out and ∂(the state leaving it).
+
+    Returns ∂z, ∂xBC (for the whole window: its first `context` positions belong to the segment
+    before) and ∂dt; the parameters' gradients from this segment (None where not needed); and
+    ∂(the state entering it).
+    """
+    heads, groups, eps = w.A.shape[0], cfg.groups, cfg.eps
+    layer = _Layer(window, context, w.conv_weight, w.conv_bias, w.dt_bias, cfg.dt_limit, heads, groups)
+    x, B, C = layer.x_b_c()
+    length = x.shape[1]
+    grad_out = grad_out.to(y.dtype)
+
+    # Gated RMSNorm: out = w · n̂, n̂ = g·r, g = y·SiLU(z), r = 1/rms(g) per group.
+    normed, inv_rms = _gated_norm(y, layer.z, groups, eps)
+    grad_norm_weight = (grad_out * normed).sum((0, 1)) if need[6] else None
+    grad_normed = (grad_out * w.norm_weight.to(y.dtype)).unflatten(-1, (groups, -1))
+    normed_g = normed.unflatten(-1, (groups, -1))
+    projection = (grad_normed * normed_g).mean(-1, keepdim=True)
+    grad_gated = grad_normed.sub_(normed_g.mul_(projection)).mul_(inv_rms).flatten(-2)
+    grad_y = grad_gated * F.silu(layer.z)
+    grad_z = torch.ops.aten.silu_backward(grad_gated.mul_(y), layer.z)  # one fused pass
+
+    # D skip and the scan.
+    grad_y_heads = grad_y.unflatten(-1, (heads, -1))  # (b, l, H, P)
+    grad_D = (grad_y_heads * x).sum((0, 1, 3)) if need[5] else None
+    chunks = Chunks(x, layer.delta, w.A, B, C, cfg.chunk_size)
+    states_in, _ = chunks.states_entering(initial)  # recomputed (2 ms) rather than kept (8 MiB), at (8, 512)
+    grad_x, grad_delta, grad_A, grad_B, grad_C, grad_initial = scan_backward(
+        chunks, states_in, to_chunks(grad_y_heads, cfg.chunk_size), grad_final
+    )
+    grad_x = from_chunks(grad_x, length).addcmul_(w.D.to(x.dtype)[:, None], grad_y_heads)
+
+    # Δ = clamp(softplus(dt + dt_bias)): clamp passes the gradient where it did not bite (as torch's).
+    grad_dt = from_chunks(grad_delta, length) * torch.sigmoid(layer.dt_in)
+    low, high = cfg.dt_limit
+    if low > 0.0 or high < float("inf"):
+        soft = F.softplus(layer.dt_in)
+        grad_dt.mul_((soft >= low) & (soft <= high))
+    grad_dt_bias = grad_dt.sum((0, 1)) if need[3] else None
+
+    # SiLU and the convolution, whose input window starts `context` positions before the segment.
+    grad_act = torch.cat(
+        [
+            grad_x.flatten(-2),
+            from_chunks(grad_B, length).flatten(-2),
+            from_chunks(grad_C, length).flatten(-2),
+        ],
+        dim=-1,
+    )
+    grad_u = torch.ops.aten.silu_backward(grad_act, layer.u)
+    grad_conv_bias = grad_u.sum((0, 1)) if need[2] else None
+    grad_xbc, grad_conv_weight = causal_conv_backward(
+        F.pad(grad_u, (0, 0, context, 0)) if context else grad_u,
+        layer.xbc,
+        w.conv_weight.to(y.dtype),
+        need[1],
+    )
+    grads = [
+        grad_conv_weight,
+        grad_conv_bias,
+        grad_dt_bias,
+        grad_A if need[4] else None,
+        grad_D,
+        grad_norm_weight,
+    ]
+    return (grad_z, grad_xbc, grad_dt), grads, grad_initial
+
+
+def _window(zxbcdt: Tensor, segment: slice, taps: int) -> tuple[Tensor, int]:
+    """A segment's zxbcdt with the positions before it that its convolution reads, and their number."""
+    context = min(segment.start, taps - 1)
+    return zxbcdt[:, segment.start - context : segment.stop], context
+
+
+class _MaybeCompiled:
+    """`fn` through `torch.compile` if `enabled` (default: `COMPILE`), eager from its first failure on.
+
+    Compiling fuses the ~60 elementwise passes of a segment's forward and backward into a few loops:
+    1.4× faster per tile, measured at (1, 512) on 2 cores (docs/design.md). Shapes are fixed by the
+    tiles, so a training run compiles each direction a few times (first segment or not, last tile),
+    ~20 s in all on 2 cores, and later runs load the kernels from inductor's on-disk cache. Inductor
+    needs a C++ compiler; without one, or on any other failure, the layer runs eagerly, after one
+    warning.
+    """
+
+    def __init__(self, fn: Callable[..., Any], enabled: bool = COMPILE) -> None:
+        self.eager = fn
+        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=False) if enabled else None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as error:  # noqa: BLE001 — any compiler failure falls back to the same math
+                first_line = (str(error).strip().splitlines() or [""])[0]  # compiler logs run long
+                reason = f"{type(error).__name__}: {first_line}"
+                log.warning(
+                    "torch.compile failed for %s; running it eagerly (%s)", self.eager.__name__, reason
+                )
+                self.compiled = None
+        return self.eager(*args)
+
+
+_FORWARD = _MaybeCompiled(_segment_forward)
+_BACKWARD = _MaybeCompiled(_segment_backward)
+
+
 class MixerCore(torch.autograd.Function):
     """RMSNorm(y · SiLU(z)) of one Mamba-2 mixer from its in_proj output zxbcdt; see the module docstring.
 
     Shapes: zxbcdt (b, l, I + K + H), conv_weight (K, k), conv_bias (K,) or None, dt_bias, A, D (H,),
-    norm_weight (I,) → (b, l, I). Computes in float32 (float64 for float64 input); gradients come back
-    in each input's dtype, and only for the inputs that need one (a LoRA run skips the weights').
-    Saved for backward: zxbcdt and y; everything else is recomputed from them.
+    norm_weight (I,) → (b, l, I). Computes in float32 (float64 for float64 input), in `tiles` of about
+    `tile_tokens` tokens; gradients come back in each input's dtype, and only for the inputs that need
+    one (a LoRA run skips the weights'). Saved for backward: zxbcdt, y and the states entering each
+    segment after a sequence's first (none unless a sequence is longer than a tile); everything else is
+    recomputed from them.
     """
 
     @staticmethod
@@ -142,87 +316,80 @@ class MixerCore(torch.autograd.Function):
         chunk_size: int,
         groups: int,
         dt_limit: tuple[float, float],
+        tile_tokens: int = TILE_TOKENS,
     ) -> Tensor:
-        heads = A.shape[0]
-        layer = _Layer(zxbcdt, conv_weight, conv_bias, dt_bias, dt_limit, heads, groups)
-        x, B, C = layer.x_b_c()
-        chunks = Chunks(x, layer.delta, A, B, C, chunk_size)
-        states_in, _ = chunks.states_entering(None)
-        length = zxbcdt.shape[1]
-        y = from_chunks(chunks.output(states_in), length) + D.to(x.dtype)[:, None] * x  # (b, l, H, P)
-        y = y.flatten(-2)
-        normed, _ = _gated_norm(y, layer.z, groups, eps)
-        out = normed * norm_weight.to(y.dtype)
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y)
-        ctx.settings = (eps, chunk_size, groups, dt_limit)
+        w = _Weights(conv_weight, conv_bias, dt_bias, A, D, norm_weight)
+        cfg = _Settings(eps, chunk_size, groups, dt_limit)
+        batch, length = zxbcdt.shape[:2]
+        heads, inner = A.shape[0], norm_weight.shape[0]
+        state_size = (conv_weight.shape[0] - inner) // (2 * groups)
+        dtype = torch.promote_types(zxbcdt.dtype, torch.float32)
+        rows, segments = tiles(batch, length, chunk_size, tile_tokens)
+        y = zxbcdt.new_empty((batch, length, inner), dtype=dtype)
+        out = torch.empty_like(y)
+        # The state entering each segment after the first: (b, segments − 1, H, P, N).
+        entering = zxbcdt.new_empty(
+            (batch, len(segments) - 1, heads, inner // heads, state_size), dtype=dtype
+        )
+        for start in range(0, batch, rows):
+            tile = slice(start, start + rows)
+            state: Tensor | None = None  # entering the segment: none before the first
+            for k, segment in enumerate(segments):
+                if state is not None:
+                    entering[tile, k - 1] = state
+                window, context = _window(zxbcdt[tile], segment, conv_weight.shape[1])
+                y[tile, segment], out[tile, segment], state = _FORWARD(window, context, state, w, cfg)
+        ctx.save_for_backward(zxbcdt, *w, y, entering)
+        ctx.settings = (cfg, tile_tokens)
         return out.to(zxbcdt.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, y = ctx.saved_tensors
-        eps, chunk_size, groups, dt_limit = ctx.settings
-        need = ctx.needs_input_grad
-        heads, length = A.shape[0], zxbcdt.shape[1]
-        layer = _Layer(zxbcdt, conv_weight, conv_bias, dt_bias, dt_limit, heads, groups)
-        x, B, C = layer.x_b_c()
-        grad_out = grad_out.to(y.dtype)
-
-        # One ∂zxbcdt, filled part by part: ∂z, ∂xBC, ∂dt.
-        inner, conv_dim = layer.inner, conv_weight.shape[0]
+        zxbcdt, *weights, y, entering = ctx.saved_tensors
+        w = _Weights(*weights)
+        cfg, tile_tokens = ctx.settings
+        need = tuple(ctx.needs_input_grad)
+        batch, length = zxbcdt.shape[:2]
+        rows, segments = tiles(batch, length, cfg.chunk_size, tile_tokens)
+        inner, conv_dim, heads = w.norm_weight.shape[0], w.conv_weight.shape[0], w.A.shape[0]
         grad_zxbcdt = torch.empty(zxbcdt.shape, dtype=y.dtype, device=y.device)
         grad_z, grad_xbc, grad_dt = grad_zxbcdt.split([inner, conv_dim, heads], dim=-1)
-
-        # Gated RMSNorm: out = w · n̂, n̂ = g·r, g = y·SiLU(z), r = 1/rms(g) per group.
-        normed, inv_rms = _gated_norm(y, layer.z, groups, eps)
-        grad_norm_weight = (grad_out * normed).sum((0, 1)) if need[6] else None
-        grad_normed = (grad_out * norm_weight.to(y.dtype)).unflatten(-1, (groups, -1))
-        normed_g = normed.unflatten(-1, (groups, -1))
-        projection = (grad_normed * normed_g).mean(-1, keepdim=True)
-        grad_gated = grad_normed.sub_(normed_g.mul_(projection)).mul_(inv_rms).flatten(-2)
-        grad_y = grad_gated * F.silu(layer.z)
-        _silu_backward(grad_gated.mul_(y), layer.z, out=grad_z)
-
-        # D skip and the scan.
-        grad_y_heads = grad_y.unflatten(-1, (heads, -1))  # (b, l, H, P)
-        grad_D = (grad_y_heads * x).sum((0, 1, 3)) if need[5] else None
-        chunks = Chunks(x, layer.delta, A, B, C, chunk_size)
-        states_in, _ = chunks.states_entering(None)  # recomputed (2 ms) rather than kept (8 MiB), at (8, 512)
-        grad_x, grad_delta, grad_A, grad_B, grad_C, _ = scan_backward(
-            chunks, states_in, to_chunks(grad_y_heads, chunk_size), None
-        )
-        grad_x = from_chunks(grad_x, length).addcmul_(D.to(x.dtype)[:, None], grad_y_heads)
-
-        # Δ = clamp(softplus(dt + dt_bias)): clamp passes the gradient where it did not bite (as torch's).
-        torch.mul(from_chunks(grad_delta, length), torch.sigmoid(layer.dt_in), out=grad_dt)
-        low, high = dt_limit
-        if low > 0.0 or high < float("inf"):
-            soft = F.softplus(layer.dt_in)
-            grad_dt.mul_((soft >= low) & (soft <= high))
-        grad_dt_bias = grad_dt.sum((0, 1)) if need[3] else None
-
-        # SiLU and the convolution.
-        grad_act = torch.cat(
-            [
-                grad_x.flatten(-2),
-                from_chunks(grad_B, length).flatten(-2),
-                from_chunks(grad_C, length).flatten(-2),
-            ],
-            dim=-1,
-        )
-        grad_u = _silu_backward(grad_act, layer.u, out=grad_act)
-        _, grad_conv_weight = causal_conv_backward(
-            grad_u, layer.xbc, conv_weight.to(y.dtype), need[1], grad_x=grad_xbc
-        )
-        grad_conv_bias = grad_u.sum((0, 1)) if need[2] else None
-
+        totals: list[Tensor | None] = [None] * len(w)
+        for start in range(0, batch, rows):
+            tile = slice(start, start + rows)
+            grad_state: Tensor | None = None
+            grad_context: Tensor | None = None  # ∂xBC of a segment's last positions, from the next one
+            for k in reversed(range(len(segments))):
+                segment = segments[k]
+                window, context = _window(zxbcdt[tile], segment, w.conv_weight.shape[1])
+                initial = entering[tile, k - 1] if k else None
+                parts, grads, grad_state = _BACKWARD(
+                    grad_out[tile, segment],
+                    window,
+                    context,
+                    y[tile, segment],
+                    initial,
+                    grad_state,
+                    w,
+                    cfg,
+                    need,
+                )
+                grad_z[tile, segment], grad_xbc[tile, segment], grad_dt[tile, segment] = (
+                    parts[0],
+                    parts[1][:, context:],
+                    parts[2],
+                )
+                if grad_context is not None:
+                    grad_xbc[tile, segment.stop - grad_context.shape[1] : segment.stop] += grad_context
+                grad_context = parts[1][:, :context]
+                totals = [
+                    t if g is None else g if t is None else t.add_(g)
+                    for t, g in zip(totals, grads, strict=True)
+                ]
         return (
             grad_zxbcdt.to(zxbcdt.dtype) if need[0] else None,
-            None if grad_conv_weight is None else grad_conv_weight.to(conv_weight.dtype),
-            None if grad_conv_bias is None else grad_conv_bias.to(conv_bias.dtype),
-            None if grad_dt_bias is None else grad_dt_bias.to(dt_bias.dtype),
-            grad_A.to(A.dtype) if need[4] else None,
-            None if grad_D is None else grad_D.to(D.dtype),
-            None if grad_norm_weight is None else grad_norm_weight.to(norm_weight.dtype),
+            *(None if g is None or p is None else g.to(p.dtype) for g, p in zip(totals, w, strict=True)),
+            None,
             None,
             None,
             None,

@@ -125,7 +125,7 @@ class Chunks:
         else:
             entering[:, 0] = initial
         for k in range(local.shape[1] - 1):
-            torch.addcmul(local[:, k], self.chunk_decay[:, k], entering[:, k], out=entering[:, k + 1])
+            entering[:, k + 1] = torch.addcmul(local[:, k], self.chunk_decay[:, k], entering[:, k])
         final = torch.addcmul(local[:, -1], self.chunk_decay[:, -1], entering[:, -1])
         return entering, final
 
@@ -168,7 +168,7 @@ def scan_backward(
     else:
         grad_out[:, -1] = grad_final
     for k in range(from_outputs.shape[1] - 1, 0, -1):
-        torch.addcmul(from_outputs[:, k], chunks.chunk_decay[:, k], grad_out[:, k], out=grad_out[:, k - 1])
+        grad_out[:, k - 1] = torch.addcmul(from_outputs[:, k], chunks.chunk_decay[:, k], grad_out[:, k])
     grad_initial = torch.addcmul(from_outputs[:, 0], chunks.chunk_decay[:, 0], grad_out[:, 0])
     h_in, g_out = _state_mats(states_in, groups), _state_mats(grad_out, groups)  # (b·c, g, r·p, n)
 
