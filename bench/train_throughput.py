@@ -51,6 +51,7 @@ LLAMA_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 12
 MAMBA1 = {"hidden_size": 256, "num_hidden_layers": 12, "state_size": 16}
 MAMBA1_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16}
 VOCAB = 16_000
+EAGER = "-eager"  # a scan path with this suffix runs fedem's training mixer uncompiled (see `Job`)
 MIB, GIB = 1 << 20, 1 << 30
 
 
@@ -59,7 +60,10 @@ class Job:
     """One (scan path, length, batch) configuration, measured in its own process.
 
     `path` is a `SCANS` name, "llama" for the attention model of `size` (a LlamaConfig's fields), or
-    "mamba1" for a Mamba-1 on transformers' `use_mambapy` path (a MambaConfig's fields).
+    "mamba1" for a Mamba-1 on transformers' `use_mambapy` path (a MambaConfig's fields). A scan name
+    ending in "-eager" runs that scan with `FEDEM_COMPILE=0`: fedem's training mixer uncompiled, as on
+    a machine without a C++ compiler; every other path runs as the environment says (compiled unless
+    `FEDEM_COMPILE=0`, which the test suite sets).
     """
 
     path: str
@@ -140,7 +144,8 @@ def measure(job: Job) -> dict[str, Any]:
         return float(loss.detach())
 
     step_seconds: list[float] = []
-    with contextlib.nullcontext() if job.path in ("llama", "mamba1") else use_scan(job.path):
+    scan = job.path.removesuffix(EAGER)
+    with contextlib.nullcontext() if job.path in ("llama", "mamba1") else use_scan(scan):
         start = time.perf_counter()
         for _ in range(job.warmup):
             step()
@@ -175,6 +180,8 @@ def measure(job: Job) -> dict[str, Any]:
 
 
 def _child(job: Job, conn: Connection) -> None:
+    if job.path.endswith(EAGER):
+        os.environ["FEDEM_COMPILE"] = "0"  # read when fedem is imported, after this
     if job.mem_limit_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (job.mem_limit_bytes, job.mem_limit_bytes))
     try:

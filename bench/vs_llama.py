@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned children fin
 import train_throughput as harness  # noqa: E402 — the per-process measuring harness, shared
 from machine import machine_info, memory_available  # noqa: E402
 
-PATHS = ("llama", "chunked", "ssd")
+PATHS = ("llama", "chunked", "ssd-eager", "ssd")
 MAMBA1_LENGTHS = (512,)  # Mamba-1's use_mambapy: ~200 s and ~11 GB a step at 512, 4× the memory at 2048
 MAMBA1_TARGET = 10.0  # seshu (ssd) tokens/s over Mamba-1 use_mambapy's, at least
 VOCAB = 8_000
@@ -49,7 +49,7 @@ def summarise(results: list[dict[str, Any]], lengths: list[int]) -> list[dict[st
     for length in lengths:
         by_path = {r["path"]: r for r in results if r["length"] == length}
         llama = by_path.get("llama")
-        for path in ("chunked", "ssd"):
+        for path in ("chunked", "ssd-eager", "ssd"):
             rows.append(
                 {
                     "length": length,
@@ -121,19 +121,27 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        "| length | model | steps | s/step | tokens/s | peak RSS (MiB) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| length | model | warm-up (s) | steps | s/step | tokens/s | peak RSS (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
-        name = {"llama": "llama", "mamba1": "Mamba-1, use_mambapy"}.get(r["path"], f"seshu, {r['path']} scan")
+        name = {
+            "llama": "llama",
+            "mamba1": "Mamba-1, use_mambapy",
+            "ssd-eager": "seshu, ssd scan, mixer not compiled",
+        }.get(r["path"], f"seshu, {r['path']} scan")
         if "error" in r:
-            lines.append(f"| {r['length']} | {name} | — | — | failed: {r['error']} | — |")
+            lines.append(f"| {r['length']} | {name} | — | — | — | failed: {r['error']} | — |")
             continue
         lines.append(
-            f"| {r['length']} | {name} | {r['steps']} | {r['seconds'] / r['steps']:.2f} | "
-            f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |"
+            f"| {r['length']} | {name} | {r['warmup_s']:.1f} | {r['steps']} | "
+            f"{r['seconds'] / r['steps']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |"
         )
     lines += [
+        "",
+        "The warm-up step includes torch.compile's one-time compilation of the training mixer where "
+        "inductor's on-disk cache does not hold its kernels yet (~20-40 s on 2 cores); "
+        "`ssd-eager` is the same path with `FEDEM_COMPILE=0`, as on a machine without a C++ compiler.",
         "",
         "| length | seshu scan | tokens/s vs Llama | peak RSS vs Llama |",
         "|---:|---|---|---|",

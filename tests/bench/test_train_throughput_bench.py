@@ -149,18 +149,19 @@ def test_out_of_memory_halves_the_batch_and_retimes_chunked(tmp_path: Path, monk
 
 
 def test_vs_llama_quick_run_reports_ratios_against_the_targets(tmp_path: Path) -> None:
-    """`bench/vs_llama.py --quick`: Llama, stock-scan and ssd-scan Seshu and a Mamba-1 on use_mambapy each
-    train in a child process."""
+    """`bench/vs_llama.py --quick`: Llama, stock-scan and ssd-scan Seshu (its mixer also uncompiled) and a
+    Mamba-1 on use_mambapy each train in a child process."""
     out = tmp_path / "results"
     report = run_quick("vs_llama.py", out)
     assert (out / "vs_llama.md").read_text(encoding="utf-8").startswith("# Training: seshu-small vs")
-    assert [r["path"] for r in report["results"]] == ["llama", "chunked", "ssd", "mamba1"]
+    assert [r["path"] for r in report["results"]] == ["llama", "chunked", "ssd-eager", "ssd", "mamba1"]
     for result in report["results"]:
         assert "error" not in result, result
         assert result["tokens_per_s"] > 0 and result["peak_rss_mib"] > 0
-    assert set(report["parameters"]) == {"llama", "chunked", "ssd", "mamba1"}
+    assert set(report["parameters"]) == {"llama", "chunked", "ssd-eager", "ssd", "mamba1"}
     rows = {row["path"]: row for row in report["summary"]}
     assert rows["ssd"]["speed_vs_llama"] > 0 and rows["ssd"]["memory_vs_llama"] > 0
+    assert rows["ssd-eager"]["speed_vs_llama"] > 0
     assert rows["ssd / chunked"]["speed_vs_chunked"] > 0
     assert rows["ssd / Mamba-1 use_mambapy"]["speed_vs_mamba1"] > 0
     assert rows["ssd / Mamba-1 use_mambapy"]["speed_target"] == 10.0
@@ -178,7 +179,8 @@ def test_vs_llama_verdicts_say_by_how_much_a_target_is_missed() -> None:
     llama = {"path": "llama", "length": 512, "tokens_per_s": 1000.0, "peak_rss_mib": 2000.0}
     ssd = {"path": "ssd", "length": 512, "tokens_per_s": 900.0, "peak_rss_mib": 2200.0}
     chunked = {"path": "chunked", "length": 512, "error": "MemoryError"}
-    rows = vs_llama.summarise([llama, chunked, ssd], [512])
-    assert rows[0]["speed_vs_llama"] is None  # the failed run has no ratio
-    assert rows[1]["speed_vs_llama"] == 0.9 and rows[1]["memory_vs_llama"] == 1.1
-    assert rows[1]["speed_target"] == 0.8 and rows[1]["memory_target"] == 1.3
+    rows = {row["path"]: row for row in vs_llama.summarise([llama, chunked, ssd], [512])}
+    assert rows["chunked"]["speed_vs_llama"] is None  # the failed run has no ratio
+    assert rows["ssd-eager"]["speed_vs_llama"] is None  # nor the one that did not run
+    assert rows["ssd"]["speed_vs_llama"] == 0.9 and rows["ssd"]["memory_vs_llama"] == 1.1
+    assert rows["ssd"]["speed_target"] == 0.8 and rows["ssd"]["memory_target"] == 1.3
