@@ -72,10 +72,10 @@ def causal_conv_backward(
     return grad_x, torch.stack(columns, dim=1)
 
 
-# Rows and length are run in tiles of about this many tokens. Measured on a 2-core CPU (docs/design.md):
-# one layer's forward + backward costs 23 µs a token at (8, 512) in one piece and 18 µs in tiles of 512
-# tokens, whose intermediates (~1 MiB each) stay in a core's L2 cache instead of streaming from L3; at
-# (8, 2048) 29 µs in one piece.
+# Rows and length are run in tiles of about this many tokens. Measured uncompiled on a 2-core CPU
+# (docs/design.md): one layer's forward + backward costs ~23 µs a token at (8, 512) in one piece and
+# ~18 µs in tiles of 512 tokens, whose intermediates (~1 MiB each) stay in a core's L2 cache instead
+# of streaming from L3; ~27 vs ~23 µs at (8, 2048). Tiles of 256 or 1024 measured no better.
 TILE_TOKENS = 512
 
 

@@ -7,9 +7,9 @@ not arithmetic, is most of a Seshu's training memory. `ChunkedScan` saves its in
 entering each chunk — (batch, chunks, heads, head_dim, state), 1/chunk_size of the per-step states —
 and its backward recomputes the rest one layer at a time.
 
-`torch.compile` of the forward and backward math was measured (docs/design.md): ~1.3× faster on the
-scan alone, but ~1 min of compilation per new input shape on 2 cores, which short runs and variable-
-length batches never earn back; so the eager version is the one used.
+While training, `fedem.model.mixer` runs `Chunks` and `scan_backward` per tile of a fixed shape
+inside a `torch.compile`d function (docs/design.md); elsewhere (`ChunkedScan`) they run eagerly, since
+a compile per new input shape (~1 min for the scan alone on 2 cores) does not pay for itself there.
 
 Glossary (as in `fedem.model.scan`, per head and head channel; shapes in the chunked layout):
     x      input                           (b, c, Q, h, p)     b batch, c chunks, Q chunk_size
