@@ -57,7 +57,7 @@ bench: install
 	$(PY) bench/vs_llama.py
 	$(PY) bench/generation_latency.py
 	$(PY) bench/lora_finetune.py
-	$(PY) bench/vs_open_models.py --minutes 4
+	$(PY) bench/vs_open_models.py --minutes 3
 
 # The dashboard's screenshots in docs/dashboard/, taken by its browser test (needs Debian's chromium).
 screenshots: install
