@@ -150,7 +150,7 @@ def measure(job: Job) -> dict[str, Any]:
         for _ in range(job.warmup):
             step()
         warmup_s = time.perf_counter() - start
-        start = time.perf_counter()
+        start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         while len(step_seconds) < job.steps:
             t0 = time.perf_counter()
             loss = step()
@@ -158,6 +158,7 @@ def measure(job: Job) -> dict[str, Any]:
             if time.perf_counter() - start > job.budget_s:
                 break
         seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
     steps = len(step_seconds)
     return {
         "path": job.path,
@@ -173,6 +174,9 @@ def measure(job: Job) -> dict[str, Any]:
         "seconds": seconds,
         "step_seconds": step_seconds,
         "tokens_per_s": job.batch * job.length * steps / seconds,
+        # Time in the kernel, mostly page faults: what varies most between runs of the same step here.
+        "system_s_per_step": (after.ru_stime - usage.ru_stime) / steps,
+        "minor_faults_per_step": (after.ru_minflt - usage.ru_minflt) / steps,
         "rss_after_build_mib": rss_model,
         "peak_rss_mib": _peak_rss_mib(),
         "final_loss": loss,

@@ -5,10 +5,11 @@ The issue's targets for the Mamba path (batch 8, float32, forward + backward + c
     tokens/s   ≥ 0.8× Llama at length 512,  ≥ 1.2× Llama at length 2048
     peak RSS   ≤ 1.3× Llama's while training at length 512
 
-For each length, three configurations run one after another, each in a fresh child process
+For each length, four configurations run one after another, each in a fresh child process
 (`train_throughput.run_job`, which also measures peak RSS there): the Llama baseline (`LLAMA`,
-7.16M parameters), and seshu-small (7.23M at vocabulary 8,000) with transformers' stock chunked scan and
-with fedem's default, the lean-backward chunked scan "ssd" (`fedem.model.ssd`). The ratios to the
+7.16M parameters), and seshu-small (7.23M at vocabulary 8,000) with transformers' stock chunked scan,
+with fedem's default "ssd" (`fedem.model.ssd`, the training mixer `fedem.model.mixer` compiled), and
+with "ssd-eager", the same uncompiled. Mamba-1 on `use_mambapy` runs at `MAMBA1_LENGTHS`. The ratios to the
 targets are taken between configurations of the same run; the machine's load is recorded, since on a
 shared machine absolute tokens/s drift while same-run ratios hold better.
 
@@ -121,8 +122,8 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        "| length | model | warm-up (s) | steps | s/step | tokens/s | peak RSS (MiB) |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| length | model | warm-up (s) | steps | s/step | of it in the kernel | tokens/s | peak RSS (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         name = {
@@ -131,17 +132,21 @@ def markdown(report: dict[str, Any]) -> str:
             "ssd-eager": "seshu, ssd scan, mixer not compiled",
         }.get(r["path"], f"seshu, {r['path']} scan")
         if "error" in r:
-            lines.append(f"| {r['length']} | {name} | — | — | — | failed: {r['error']} | — |")
+            lines.append(f"| {r['length']} | {name} | — | — | — | — | failed: {r['error']} | — |")
             continue
         lines.append(
             f"| {r['length']} | {name} | {r['warmup_s']:.1f} | {r['steps']} | "
-            f"{r['seconds'] / r['steps']:.2f} | {r['tokens_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |"
+            f"{r['seconds'] / r['steps']:.2f} | {r['system_s_per_step']:.2f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['peak_rss_mib']:,.0f} |"
         )
     lines += [
         "",
         "The warm-up step includes torch.compile's one-time compilation of the training mixer where "
         "inductor's on-disk cache does not hold its kernels yet (~20-40 s on 2 cores); "
-        "`ssd-eager` is the same path with `FEDEM_COMPILE=0`, as on a machine without a C++ compiler.",
+        "`ssd-eager` is the same path with `FEDEM_COMPILE=0`, as on a machine without a C++ compiler. "
+        '"Of it in the kernel" is system CPU time per step, almost all page faults (minor faults per '
+        "step are in the JSON): it is what varies most between runs, and it differs between runs of the "
+        "same model even with fedem's allocator tuning.",
         "",
         "| length | seshu scan | tokens/s vs Llama | peak RSS vs Llama |",
         "|---:|---|---|---|",

@@ -33,6 +33,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
         assert result["tokens_per_s"] > 0
         assert result["peak_rss_mib"] > 0
         assert result["peak_rss_mib"] >= result["rss_after_build_mib"] > 0
+        assert result["system_s_per_step"] >= 0 and result["minor_faults_per_step"] >= 0
     (row,) = report["summary"]
     assert row["length"] == 64 and row["speedup"] > 0 and row["memory_ratio"] > 0
 
