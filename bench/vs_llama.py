@@ -145,8 +145,12 @@ def markdown(report: dict[str, Any]) -> str:
         "inductor's on-disk cache does not hold its kernels yet (~20-40 s on 2 cores); "
         "`ssd-eager` is the same path with `FEDEM_COMPILE=0`, as on a machine without a C++ compiler. "
         '"Of it in the kernel" is system CPU time per step, almost all page faults (minor faults per '
-        "step are in the JSON): it is what varies most between runs, and it differs between runs of the "
-        "same model even with fedem's allocator tuning.",
+        "step are in the JSON), and what varies most between runs. For the Llama much of it is CPython "
+        "3.11's frame stack, not the allocator: where a call in the step crosses the end of a 16 KiB "
+        "frame-stack chunk, CPython maps a new chunk and unmaps it on return, every time (strace: "
+        "thousands of 16 KiB mmap/munmap pairs a step). Whether a step crosses one depends on the call "
+        "depth, so the same Llama step can measure faster when called a frame deeper (docs/design.md "
+        "has a measurement); read the ratios below with its kernel time in mind.",
         "",
         "| length | seshu scan | tokens/s vs Llama | peak RSS vs Llama |",
         "|---:|---|---|---|",
