@@ -63,15 +63,36 @@ SMALL_TILES = 16
 def test_tiles_stack_short_rows_and_cut_long_ones_at_chunk_boundaries() -> None:
     assert tiles(batch=2, length=30, chunk_size=8, tile_tokens=SMALL_TILES) == (
         1,
-        [slice(0, 16), slice(16, 30)],
+        2,
+        32,
+        [slice(0, 16), slice(16, 32)],
     )
-    assert tiles(batch=5, length=6, chunk_size=8, tile_tokens=SMALL_TILES) == (2, [slice(0, 6)])
+    assert tiles(batch=5, length=6, chunk_size=8, tile_tokens=SMALL_TILES) == (2, 6, 8, [slice(0, 8)])
     assert tiles(batch=8, length=2048, chunk_size=64, tile_tokens=512) == (
         1,
+        8,
+        2048,
         [slice(0, 512), slice(512, 1024), slice(1024, 1536), slice(1536, 2048)],
     )
-    assert tiles(batch=8, length=128, chunk_size=64, tile_tokens=512) == (4, [slice(0, 128)])
-    assert tiles(batch=1, length=100, chunk_size=64, tile_tokens=32) == (1, [slice(0, 64), slice(64, 100)])
+    assert tiles(batch=8, length=128, chunk_size=64, tile_tokens=512) == (4, 8, 128, [slice(0, 128)])
+    assert tiles(batch=3, length=100, chunk_size=64, tile_tokens=512) == (3, 3, 128, [slice(0, 128)])
+    assert tiles(batch=1, length=100, chunk_size=64, tile_tokens=32) == (
+        1,
+        1,
+        128,
+        [slice(0, 64), slice(64, 128)],
+    )
+
+
+def test_tiles_keep_the_shapes_to_compile_few() -> None:
+    """Fine-tuning batches come in every length, and each new tile shape is a compile of its own."""
+    shapes = set()
+    for length in range(1, 2049):
+        tiling = tiles(batch=8, length=length, chunk_size=64, tile_tokens=512)
+        assert tiling.length >= length and tiling.length % 64 == 0
+        assert tiling.batch >= 8 and tiling.batch % tiling.rows == 0
+        shapes |= {(tiling.rows, segment.stop - segment.start) for segment in tiling.segments}
+    assert len(shapes) == 8  # (8, 64), (4, 128), (2, 192), (2, 256), then one row of 320 … 512
 
 
 def make_inputs(case: Case, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:

@@ -79,17 +79,46 @@ def causal_conv_backward(
 TILE_TOKENS = 512
 
 
-def tiles(batch: int, length: int, chunk_size: int, tile_tokens: int) -> tuple[int, list[slice]]:
-    """Rows per tile, and the length segments that each tile is run in, in order.
+class Tiling(NamedTuple):
+    """How `MixerCore` runs a (batch, length) input: `rows` rows a tile, each row cut into `segments`,
+    on the input zero-padded at the end to (`batch`, `length`)."""
+
+    rows: int
+    batch: int
+    length: int
+    segments: list[slice]
+
+
+def tiles(batch: int, length: int, chunk_size: int, tile_tokens: int) -> Tiling:
+    """Rows per tile, the padded shape, and the length segments that each tile is run in, in order.
 
     Sequences that fit are stacked up to `tile_tokens`; a longer one is cut into segments of whole
     chunks, so that the scan meets the same chunk boundaries as in one piece, and the state leaving one
-    segment enters the next.
+    segment enters the next. Lengths are padded to whole chunks (whole segments for a long row) and
+    the batch to whole tiles, so that every tile has one of a few shapes, whatever the batch's length:
+    each new shape is a new compile. The padding is exact: the layer is causal and its rows
+    independent, so positions appended at a row's end and rows appended to the batch change nothing
+    before them, and their zero ∂out gives them zero gradients.
     """
     segment = max(chunk_size, tile_tokens // chunk_size * chunk_size)
     if length <= segment:
-        return max(1, tile_tokens // max(length, 1)), [slice(0, length)]
-    return 1, [slice(start, min(start + segment, length)) for start in range(0, length, segment)]
+        padded = -(-length // chunk_size) * chunk_size
+        rows = min(batch, max(1, tile_tokens // padded))
+        return Tiling(rows, -(-batch // rows) * rows, padded, [slice(0, padded)])
+    padded = -(-length // segment) * segment
+    return Tiling(1, batch, padded, [slice(start, start + segment) for start in range(0, padded, segment)])
+
+
+def _pad(t: Tensor, batch: int, length: int) -> Tensor:
+    """(b, l, …) zero-padded at the end of both axes to (batch, length, …); t itself if it fits."""
+    if t.shape[:2] == (batch, length):
+        return t
+    return F.pad(t, (0, 0, 0, length - t.shape[1], 0, batch - t.shape[0]))
+
+
+def _crop(t: Tensor, batch: int, length: int) -> Tensor:
+    """The first (batch, length) of (b, l, …): undoes `_pad`; t itself if nothing was padded."""
+    return t if t.shape[:2] == (batch, length) else t[:batch, :length]
 
 
 class _Layer:
@@ -262,12 +291,16 @@ class _MaybeCompiled:
     """`fn` through `torch.compile` if `enabled` (default: `COMPILE`), eager from its first failure on.
 
     Compiling fuses the ~60 elementwise passes of a segment's forward and backward into a few loops:
-    1.4× faster per tile, measured at (1, 512) on 2 cores (docs/design.md). Shapes are fixed by the
-    tiles, so a training run compiles each direction a few times (first segment or not, last tile),
-    ~20 s in all on 2 cores, and later runs load the kernels from inductor's on-disk cache. Inductor
-    needs a C++ compiler; without one, or on any other failure, the layer runs eagerly, after one
-    warning.
+    1.4× faster per tile, measured at (1, 512) on 2 cores (docs/design.md). Each tile shape compiles
+    once (~10-20 s on 2 cores; later runs load the kernels from inductor's on-disk cache), and `tiles`
+    pads to keep the shapes few: one for packed pretraining, one per chunk multiple up to a tile for
+    fine-tuning batches of varying length, two or three for rows longer than a tile. That is more
+    than dynamo's default of 8 recompiles per function, past which it would run the rest eagerly, so
+    calls raise the limit to `RECOMPILES`. Inductor needs a C++ compiler; without one, or on any
+    other failure, the layer runs eagerly, after one warning.
     """
+
+    RECOMPILES = 32
 
     def __init__(self, fn: Callable[..., Any], enabled: bool = COMPILE) -> None:
         self.eager = fn
@@ -276,7 +309,8 @@ class _MaybeCompiled:
     def __call__(self, *args: Any) -> Any:
         if self.compiled is not None:
             try:
-                return self.compiled(*args)
+                with torch._dynamo.config.patch(recompile_limit=self.RECOMPILES):
+                    return self.compiled(*args)
             except Exception as error:  # noqa: BLE001 — any compiler failure falls back to the same math
                 first_line = (str(error).strip().splitlines() or [""])[0]  # compiler logs run long
                 reason = f"{type(error).__name__}: {first_line}"
@@ -324,44 +358,47 @@ class MixerCore(torch.autograd.Function):
         heads, inner = A.shape[0], norm_weight.shape[0]
         state_size = (conv_weight.shape[0] - inner) // (2 * groups)
         dtype = torch.promote_types(zxbcdt.dtype, torch.float32)
-        rows, segments = tiles(batch, length, chunk_size, tile_tokens)
-        y = zxbcdt.new_empty((batch, length, inner), dtype=dtype)
+        tiling = tiles(batch, length, chunk_size, tile_tokens)
+        padded = _pad(zxbcdt, tiling.batch, tiling.length)
+        y = zxbcdt.new_empty((tiling.batch, tiling.length, inner), dtype=dtype)
         out = torch.empty_like(y)
         # The state entering each segment after the first: (b, segments − 1, H, P, N).
         entering = zxbcdt.new_empty(
-            (batch, len(segments) - 1, heads, inner // heads, state_size), dtype=dtype
+            (tiling.batch, len(tiling.segments) - 1, heads, inner // heads, state_size), dtype=dtype
         )
-        for start in range(0, batch, rows):
-            tile = slice(start, start + rows)
+        for start in range(0, tiling.batch, tiling.rows):
+            tile = slice(start, start + tiling.rows)
             state: Tensor | None = None  # entering the segment: none before the first
-            for k, segment in enumerate(segments):
+            for k, segment in enumerate(tiling.segments):
                 if state is not None:
                     entering[tile, k - 1] = state
-                window, context = _window(zxbcdt[tile], segment, conv_weight.shape[1])
+                window, context = _window(padded[tile], segment, conv_weight.shape[1])
                 y[tile, segment], out[tile, segment], state = _FORWARD(window, context, state, w, cfg)
         ctx.save_for_backward(zxbcdt, *w, y, entering)
-        ctx.settings = (cfg, tile_tokens)
-        return out.to(zxbcdt.dtype)
+        ctx.settings = (cfg, tiling)
+        return _crop(out, batch, length).to(zxbcdt.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         zxbcdt, *weights, y, entering = ctx.saved_tensors
         w = _Weights(*weights)
-        cfg, tile_tokens = ctx.settings
+        cfg, tiling = ctx.settings
         need = tuple(ctx.needs_input_grad)
         batch, length = zxbcdt.shape[:2]
-        rows, segments = tiles(batch, length, cfg.chunk_size, tile_tokens)
+        padded = _pad(zxbcdt, tiling.batch, tiling.length)
+        grad_out = _pad(grad_out, tiling.batch, tiling.length)
+        segments = tiling.segments
         inner, conv_dim, heads = w.norm_weight.shape[0], w.conv_weight.shape[0], w.A.shape[0]
-        grad_zxbcdt = torch.empty(zxbcdt.shape, dtype=y.dtype, device=y.device)
+        grad_zxbcdt = torch.empty(padded.shape, dtype=y.dtype, device=y.device)
         grad_z, grad_xbc, grad_dt = grad_zxbcdt.split([inner, conv_dim, heads], dim=-1)
         totals: list[Tensor | None] = [None] * len(w)
-        for start in range(0, batch, rows):
-            tile = slice(start, start + rows)
+        for start in range(0, tiling.batch, tiling.rows):
+            tile = slice(start, start + tiling.rows)
             grad_state: Tensor | None = None
             grad_context: Tensor | None = None  # ∂xBC of a segment's last positions, from the next one
             for k in reversed(range(len(segments))):
                 segment = segments[k]
-                window, context = _window(zxbcdt[tile], segment, w.conv_weight.shape[1])
+                window, context = _window(padded[tile], segment, w.conv_weight.shape[1])
                 initial = entering[tile, k - 1] if k else None
                 parts, grads, grad_state = _BACKWARD(
                     grad_out[tile, segment],
@@ -387,7 +424,7 @@ class MixerCore(torch.autograd.Function):
                     for t, g in zip(totals, grads, strict=True)
                 ]
         return (
-            grad_zxbcdt.to(zxbcdt.dtype) if need[0] else None,
+            _crop(grad_zxbcdt, batch, length).to(zxbcdt.dtype) if need[0] else None,
             *(None if g is None or p is None else g.to(p.dtype) for g, p in zip(totals, w, strict=True)),
             None,
             None,
