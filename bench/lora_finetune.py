@@ -92,7 +92,7 @@ def main() -> int:
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     lora_speed = tokens_per_second(lora, batches, args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
-        lora.save_pretrained(Path(tmp) / "adapter")
+        lora.save_pretrained(str(Path(tmp) / "adapter"))
         adapter_bytes = folder_bytes(Path(tmp) / "adapter")
 
     share = trainable / total
