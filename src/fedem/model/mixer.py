@@ -331,9 +331,9 @@ class MixerCore(torch.autograd.Function):
     Shapes: zxbcdt (b, l, I + K + H), conv_weight (K, k), conv_bias (K,) or None, dt_bias, A, D (H,),
     norm_weight (I,) → (b, l, I). Computes in float32 (float64 for float64 input), in `tiles` of about
     `tile_tokens` tokens; gradients come back in each input's dtype, and only for the inputs that need
-    one (a LoRA run skips the weights'). Saved for backward: zxbcdt, y and the states entering each
-    segment after a sequence's first (none unless a sequence is longer than a tile); everything else is
-    recomputed from them.
+    one (a LoRA run skips the weights'). Saved for backward: zxbcdt and y (padded as `tiles` says) and
+    the states entering each segment after a sequence's first (none unless a sequence is longer than a
+    tile); everything else is recomputed from them.
     """
 
     @staticmethod
@@ -374,18 +374,17 @@ class MixerCore(torch.autograd.Function):
                     entering[tile, k - 1] = state
                 window, context = _window(padded[tile], segment, conv_weight.shape[1])
                 y[tile, segment], out[tile, segment], state = _FORWARD(window, context, state, w, cfg)
-        ctx.save_for_backward(zxbcdt, *w, y, entering)
+        ctx.save_for_backward(padded, *w, y, entering)
         ctx.settings = (cfg, tiling)
         return _crop(out, batch, length).to(zxbcdt.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        zxbcdt, *weights, y, entering = ctx.saved_tensors
+        padded, *weights, y, entering = ctx.saved_tensors
         w = _Weights(*weights)
         cfg, tiling = ctx.settings
         need = tuple(ctx.needs_input_grad)
-        batch, length = zxbcdt.shape[:2]
-        padded = _pad(zxbcdt, tiling.batch, tiling.length)
+        batch, length = grad_out.shape[:2]
         grad_out = _pad(grad_out, tiling.batch, tiling.length)
         segments = tiling.segments
         inner, conv_dim, heads = w.norm_weight.shape[0], w.conv_weight.shape[0], w.A.shape[0]
@@ -424,7 +423,7 @@ class MixerCore(torch.autograd.Function):
                     for t, g in zip(totals, grads, strict=True)
                 ]
         return (
-            _crop(grad_zxbcdt, batch, length).to(zxbcdt.dtype) if need[0] else None,
+            _crop(grad_zxbcdt, batch, length).to(padded.dtype) if need[0] else None,
             *(None if g is None or p is None else g.to(p.dtype) for g, p in zip(totals, w, strict=True)),
             None,
             None,
