@@ -9,9 +9,10 @@ For each length, four configurations run one after another, each in a fresh chil
 (`train_throughput.run_job`, which also measures peak RSS there): the Llama baseline (`LLAMA`,
 7.16M parameters), and seshu-small (7.23M at vocabulary 8,000) with transformers' stock chunked scan,
 with fedem's default "ssd" (`fedem.model.ssd`, the training mixer `fedem.model.mixer` compiled), and
-with "ssd-eager", the same uncompiled. Mamba-1 on `use_mambapy` runs at `MAMBA1_LENGTHS`. The ratios to the
-targets are taken between configurations of the same run; the machine's load is recorded, since on a
-shared machine absolute tokens/s drift while same-run ratios hold better.
+with "ssd-eager", the same uncompiled; Mamba-1 on `use_mambapy` runs at `MAMBA1_LENGTHS`, batch
+`MAMBA1_BATCH`. The ratios to the targets are taken between configurations of the same run; the
+machine's load is recorded, since on a shared machine absolute tokens/s drift while same-run ratios
+hold better.
 
     python bench/vs_llama.py                          # lengths 512 2048 → bench/results/vs_llama.{md,json}
     python bench/vs_llama.py --quick --out /tmp/b     # tiny shapes, length 64: a smoke run
@@ -131,7 +132,7 @@ def markdown(report: dict[str, Any]) -> str:
     for r in report["results"]:
         name = {
             "llama": "llama",
-            "mamba1": f"Mamba-1, use_mambapy, batch {r.get('batch', MAMBA1_BATCH)}",
+            "mamba1": f"Mamba-1, use_mambapy, batch {r['batch']}",
             "ssd-eager": "seshu, ssd scan, mixer not compiled",
         }.get(r["path"], f"seshu, {r['path']} scan")
         if "error" in r:
