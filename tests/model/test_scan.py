@@ -15,9 +15,12 @@ from fedem.model.scan import (
     CHUNKED_SCAN,
     CONV_UPDATE,
     DEFAULT_SCAN,
+    KERNELS,
     SCANS,
     STATE_UPDATE,
+    ByDevice,
     conv_step,
+    on_torch,
     sequential_scan,
     split_conv1d_scan_combined,
     ssd_scan,
@@ -220,12 +223,28 @@ def test_scans_registry_and_default() -> None:
     assert SCANS["sequential"] is sequential_scan
     assert SCANS["ssd"] is ssd_scan
     assert DEFAULT_SCAN is SCANS[os.environ.get("FEDEM_SCAN", "ssd")]
-    assert modeling_mamba2.mamba2_chunk_scan is DEFAULT_SCAN
-    assert modeling_mamba2.causal_conv1d_update is conv_step
-    assert modeling_mamba2.mamba2_split_conv1d_scan_combined is split_conv1d_scan_combined
-    assert modeling_mamba2.mamba2_selective_state_update is state_step
-    assert STATE_UPDATE.__module__ == modeling_mamba2.__name__
-    assert CONV_UPDATE.__module__ == modeling_mamba2.__name__
+    installed = {
+        "mamba2_chunk_scan": DEFAULT_SCAN,
+        "causal_conv1d_update": conv_step,
+        "mamba2_split_conv1d_scan_combined": split_conv1d_scan_combined,
+        "mamba2_selective_state_update": state_step,
+    }
+    for name, fn in installed.items():
+        assert on_torch(getattr(modeling_mamba2, name)) is fn
+        assert isinstance(getattr(modeling_mamba2, name), ByDevice) is KERNELS  # kernels for CUDA tensors
+    # The fallbacks are transformers' torch code itself, never its wrapper (which may hold a CUDA kernel).
+    for fallback in (CHUNKED_SCAN, STATE_UPDATE, CONV_UPDATE, on_torch(modeling_mamba2.causal_conv1d_fn)):
+        assert fallback.__module__ == modeling_mamba2.__name__ and not hasattr(fallback, "__wrapped__")
+
+
+def test_by_device_sends_cpu_tensors_to_fedem_code() -> None:
+    calls: list[tuple[str, tuple[object, ...], dict[str, object]]] = []
+    dispatch = ByDevice(
+        lambda x, *args, **kwargs: calls.append(("torch", args, kwargs)),
+        lambda x, *args, **kwargs: calls.append(("kernel", args, kwargs)),
+    )
+    dispatch(torch.zeros(2), 3, chunk_size=4)
+    assert calls == [("torch", (3,), {"chunk_size": 4})]
 
 
 @pytest.mark.parametrize("state_width", [4, 6])
@@ -345,7 +364,7 @@ def test_model_logits_and_grads_agree(scan: str, training: bool) -> None:
     assert len(grads) == len(grads_seq) > 0
     for grad, grad_seq in zip(grads, grads_seq, strict=True):
         assert rel_err(grad_seq, grad) <= 1e-4
-    assert modeling_mamba2.mamba2_chunk_scan is DEFAULT_SCAN
+    assert on_torch(modeling_mamba2.mamba2_chunk_scan) is DEFAULT_SCAN
 
 
 @pytest.mark.parametrize("scan", ["chunked", "ssd"])

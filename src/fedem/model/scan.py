@@ -12,10 +12,15 @@ Three drop-ins for it, by name in `SCANS`:
 `use_scan` swaps one into the mixer for the duration of a `with` block.
 
 The default. Importing this module installs `DEFAULT_SCAN` (`ssd_scan`; `FEDEM_SCAN=chunked` in the
-environment keeps the stock one) process-wide, in place of transformers' torch fallback only — when
-transformers resolved `mamba2_chunk_scan` to a mamba-ssm kernel, that stays. Every way fedem makes a
-model (`build_model`, `load_model`) imports this module, so pretrain, finetune, evaluate, generate and
-the hub's worker all train and run on it, and a `use_scan` block always finds it already installed.
+environment keeps the stock one) process-wide. Every way fedem makes a model (`build_model`,
+`load_model`) imports this module, so pretrain, finetune, evaluate, generate and the hub's worker all
+train and run on it, and a `use_scan` block always finds it already installed.
+
+The CUDA kernels. Where mamba-ssm and causal-conv1d are installed (`pip install 'fedem[cuda]'`),
+transformers binds these module functions to their kernels, which take CUDA tensors only. fedem then
+installs `ByDevice` dispatchers instead: CUDA tensors go to the kernels, every other tensor to fedem's
+torch code — so one process can train on the GPU and still evaluate a copy on the CPU. Without them
+(or with `FEDEM_KERNELS=0`) fedem's torch code runs on every device. `KERNELS` says which.
 
 Glossary (code name → Mamba-2 paper symbol, shape as passed to the scan):
     hidden_states  x      input per head channel                   (batch, length, heads, head_dim)
@@ -32,17 +37,20 @@ Glossary (code name → Mamba-2 paper symbol, shape as passed to the scan):
     head_dim       P      channels per head
 
 The same import installs three more of fedem's functions in place of transformers' torch fallbacks
-(never in place of a mamba-ssm / causal-conv1d kernel):
+(behind a `ByDevice` where the kernels are installed):
     `split_conv1d_scan_combined`  a training layer between its projections as one autograd Function
                                   (`fedem.model.mixer`), taken only while `ssd_scan` is the scan
     `conv_step`                   one decoding step's convolution: a dot product per channel
     `state_step`                  one decoding step's state update on per-head Δ, A and D
+and, so that a CPU tensor never reaches a kernel, transformers' own torch `causal_conv1d_fn`.
 
 The recurrence, per head and head channel, with Δ_t = clamp(softplus(dt_t + dt_bias), *dt_limit):
     h_t = exp(Δ_t · A) · h_{t-1} + Δ_t · B_t · x_t       (h_0 = initial_states, or 0)
     y_t = C_t · h_t + D · x_t
 """
 
+import importlib
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -59,8 +67,24 @@ from fedem.model.ssd import chunked_scan
 ScanFn = Callable[..., Any]
 """A scan with `mamba2_chunk_scan`'s signature: returns y, or (y, final state) if asked."""
 
-# The stock object (wrapped by transformers' `use_kernel_func_from_hub_with_fallback`), kept to restore.
-CHUNKED_SCAN: Final[ScanFn] = modeling_mamba2.mamba2_chunk_scan
+
+def _kernels_installed() -> bool:
+    """Whether mamba-ssm and causal-conv1d import — transformers' own test before it binds its Mamba-2
+    functions to their CUDA kernels (`use_kernel_func_from_hub_with_fallback`)."""
+    try:
+        for package in ("mamba_ssm", "causal_conv1d"):
+            importlib.import_module(package)
+    except Exception:  # noqa: BLE001 — a broken build (ImportError, OSError, a CUDA error) is "not installed"
+        return False
+    return True
+
+
+KERNELS: Final[bool] = os.environ.get("FEDEM_KERNELS", "1") != "0" and _kernels_installed()
+"""Whether CUDA tensors run on mamba-ssm's and causal-conv1d's kernels (see the module docstring)."""
+
+# transformers' torch code under its kernel wrappers (`functools.wraps` keeps it as `__wrapped__`):
+# what the `chunked` scan and fedem's fallbacks call whatever the wrappers are bound to.
+CHUNKED_SCAN: Final[ScanFn] = inspect.unwrap(modeling_mamba2.mamba2_chunk_scan)
 
 
 def _refuse_unsupported(scan: str, kwargs: dict[str, Any]) -> None:
@@ -204,13 +228,8 @@ def use_scan(scan: ScanFn | str) -> Iterator[ScanFn]:
         modeling_mamba2.mamba2_chunk_scan = previous
 
 
-def _is_torch_fallback(fn: ScanFn) -> bool:
-    """Whether transformers resolved `mamba2_chunk_scan` to its own torch code (no mamba-ssm kernel)."""
-    return getattr(fn, "__module__", None) == modeling_mamba2.__name__
-
-
 # transformers' torch `causal_conv1d_update`, kept: `conv_step` hands it anything but a one-token step.
-CONV_UPDATE: Final[ScanFn] = modeling_mamba2.causal_conv1d_update
+CONV_UPDATE: Final[ScanFn] = inspect.unwrap(modeling_mamba2.causal_conv1d_update)
 
 
 def conv_step(
@@ -242,7 +261,7 @@ def conv_step(
 
 
 # transformers' torch `selective_state_update`, kept: `state_step` hands it what it does not cover.
-STATE_UPDATE: Final[ScanFn] = modeling_mamba2.mamba2_selective_state_update
+STATE_UPDATE: Final[ScanFn] = inspect.unwrap(modeling_mamba2.mamba2_selective_state_update)
 
 
 def state_step(
@@ -331,7 +350,7 @@ def split_conv1d_scan_combined(
         or activation != "silu"
         or norm_before_gate
         or any(kwargs.get(name) is not None for name in ("seq_idx", "cu_seqlens"))
-        or modeling_mamba2.mamba2_chunk_scan is not ssd_scan
+        or on_torch(modeling_mamba2.mamba2_chunk_scan) is not ssd_scan
     ):
         return None
     out = MixerCore.apply(
@@ -350,14 +369,31 @@ def split_conv1d_scan_combined(
     return F.linear(out, outproj_weight, outproj_bias)
 
 
+class ByDevice:
+    """Calls `kernel` (transformers' function, bound to a CUDA kernel) when the first argument is a
+    CUDA tensor, `torch_fn` (fedem's) otherwise; installed in place of the function when `KERNELS`."""
+
+    def __init__(self, torch_fn: ScanFn, kernel: ScanFn) -> None:
+        self.torch_fn, self.kernel = torch_fn, kernel
+
+    def __call__(self, first: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return (self.kernel if first.is_cuda else self.torch_fn)(first, *args, **kwargs)
+
+
+def on_torch(fn: ScanFn) -> ScanFn:
+    """What `fn`, an installed function, runs on a CPU tensor."""
+    return fn.torch_fn if isinstance(fn, ByDevice) else fn
+
+
 DEFAULT_SCAN: Final[ScanFn] = scan_named(os.environ.get("FEDEM_SCAN", "ssd"))
 """The scan fedem installs at import (see the module docstring); `FEDEM_SCAN` names another."""
 
-if _is_torch_fallback(modeling_mamba2.mamba2_chunk_scan):
-    modeling_mamba2.mamba2_chunk_scan = DEFAULT_SCAN
-if _is_torch_fallback(modeling_mamba2.causal_conv1d_update):
-    modeling_mamba2.causal_conv1d_update = conv_step
-if _is_torch_fallback(modeling_mamba2.mamba2_selective_state_update):
-    modeling_mamba2.mamba2_selective_state_update = state_step
-if _is_torch_fallback(modeling_mamba2.mamba2_split_conv1d_scan_combined):
-    modeling_mamba2.mamba2_split_conv1d_scan_combined = split_conv1d_scan_combined
+for _name, _fedem_fn in [
+    ("mamba2_chunk_scan", DEFAULT_SCAN),
+    ("causal_conv1d_update", conv_step),
+    ("mamba2_selective_state_update", state_step),
+    ("mamba2_split_conv1d_scan_combined", split_conv1d_scan_combined),
+    ("causal_conv1d_fn", inspect.unwrap(modeling_mamba2.causal_conv1d_fn)),  # transformers' torch code
+]:
+    _kernel = getattr(modeling_mamba2, _name)
+    setattr(modeling_mamba2, _name, ByDevice(_fedem_fn, _kernel) if KERNELS else _fedem_fn)
