@@ -358,6 +358,8 @@ class MixerCore(torch.autograd.Function):
         heads, inner = A.shape[0], norm_weight.shape[0]
         state_size = (conv_weight.shape[0] - inner) // (2 * groups)
         dtype = torch.promote_types(zxbcdt.dtype, torch.float32)
+        if not zxbcdt.is_cpu:  # tiles keep a CPU core's working set in its L2 cache; a GPU takes it whole
+            tile_tokens = max(tile_tokens, batch * length)
         tiling = tiles(batch, length, chunk_size, tile_tokens)
         padded = _pad(zxbcdt, tiling.batch, tiling.length)
         y = zxbcdt.new_empty((tiling.batch, tiling.length, inner), dtype=dtype)
