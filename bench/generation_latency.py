@@ -28,12 +28,13 @@ import torch
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from fedem.config import load_yaml
 from fedem.model.baseline import build_matched_llama
 from fedem.model.seshu import SeshuSize, build_model, count_parameters
 from machine import machine_info, machine_line
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = SeshuSize(hidden_size=256, num_hidden_layers=12, state_size=64, head_dim=64, chunk_size=64)
+SMALL = SeshuSize(**load_yaml(REPO / "configs" / "seshu-small.yaml")["model"])
 TINY = SeshuSize(hidden_size=64, num_hidden_layers=2, state_size=16, head_dim=16, chunk_size=16)
 VOCAB = 16_000
 

@@ -28,36 +28,18 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import yaml  # noqa: E402
+
 from machine import machine_info, machine_line  # noqa: E402
+from train_throughput import LLAMA, REPO, SMALL  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
-    # seshu-small (configs/seshu-small.yaml) and the Llama of vs_llama.py, vocabulary 8,000: ~7.2M each
-    "small": {
-        "vocab": 8_000,
-        "seshu": {
-            "hidden_size": 256,
-            "num_hidden_layers": 12,
-            "state_size": 64,
-            "head_dim": 64,
-            "chunk_size": 64,
-        },
-        "llama": {
-            "hidden_size": 256,
-            "num_hidden_layers": 6,
-            "intermediate_size": 768,
-            "num_attention_heads": 4,
-        },
-    },
-    # seshu-base (configs/seshu-base.yaml), vocabulary 16,000: 133M; the Llama with 17 layers: 133M
+    # seshu-small and the Llama of vs_llama.py, vocabulary 8,000: ~7.2M each
+    "small": {"vocab": 8_000, "seshu": SMALL, "llama": LLAMA},
+    # seshu-base, vocabulary 16,000: 133M; the Llama with 17 layers: 133M
     "base": {
         "vocab": 16_000,
-        "seshu": {
-            "hidden_size": 768,
-            "num_hidden_layers": 32,
-            "state_size": 128,
-            "head_dim": 64,
-            "chunk_size": 256,
-        },
+        "seshu": yaml.safe_load((REPO / "configs" / "seshu-base.yaml").read_text())["model"],
         "llama": {
             "hidden_size": 768,
             "num_hidden_layers": 17,

@@ -37,18 +37,24 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from machine import machine_info, memory_available
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = {"hidden_size": 256, "num_hidden_layers": 12, "state_size": 64, "head_dim": 64, "chunk_size": 64}
+SMALL: dict[str, Any] = yaml.safe_load((REPO / "configs" / "seshu-small.yaml").read_text())["model"]
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "head_dim": 16, "chunk_size": 16}
-# A LlamaForCausalLM with seshu-small's parameter count (7.16M vs 7.23M at vocabulary 8,000): the
+# A LlamaForCausalLM with seshu-small's parameter count (7.16M vs 7.20M at vocabulary 8,000): the
 # attention baseline of bench/vs_llama.py, measured by this harness under the path name "llama".
 LLAMA = {"hidden_size": 256, "num_hidden_layers": 6, "intermediate_size": 768, "num_attention_heads": 4}
 LLAMA_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 2}
-# A MambaForCausalLM (Mamba-1) of seshu-small's width, depth and parameter count (7.31M at vocabulary
-# 8,000) on its best stock CPU path, `use_mambapy`: the path name "mamba1". Issue 5: Seshu ≥ 10× it.
-MAMBA1 = {"hidden_size": 256, "num_hidden_layers": 12, "state_size": 16}
+# A MambaForCausalLM (Mamba-1) of seshu-small's width and depth on its best stock CPU path,
+# `use_mambapy`: the path name "mamba1". Issue 5: Seshu ≥ 10× it.
+MAMBA1 = {
+    "hidden_size": SMALL["hidden_size"],
+    "num_hidden_layers": SMALL["num_hidden_layers"],
+    "state_size": 16,
+}
 MAMBA1_TINY = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16}
 VOCAB = 16_000
 EAGER = "-eager"  # a scan path with this suffix runs fedem's training mixer uncompiled (see `Job`)

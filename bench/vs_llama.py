@@ -7,7 +7,7 @@ The issue's targets for the Mamba path (batch 8, float32, forward + backward + c
 
 For each length, four configurations run one after another, each in a fresh child process
 (`train_throughput.run_job`, which also measures peak RSS there): the Llama baseline (`LLAMA`,
-7.16M parameters), and seshu-small (7.23M at vocabulary 8,000) with transformers' stock chunked scan,
+7.16M parameters), and seshu-small (7.20M at vocabulary 8,000) with transformers' stock chunked scan,
 with fedem's default "ssd" (`fedem.model.ssd`, the training mixer `fedem.model.mixer` compiled), and
 with "ssd-eager", the same uncompiled; Mamba-1 on `use_mambapy` runs at `MAMBA1_LENGTHS`, batch
 `MAMBA1_BATCH`. The ratios to the targets are taken between configurations of the same run; the

@@ -65,7 +65,7 @@ def _llama_parameters(config: LlamaConfig, layers: int) -> int:
 
 
 def test_matched_llama_has_seshus_width_and_parameter_count(tiny_tokenizer) -> None:
-    for size in (TINY, SeshuSize(hidden_size=256, num_hidden_layers=12)):
+    for size in (TINY, SeshuSize(hidden_size=320, num_hidden_layers=7)):
         config = matched_llama_config(size, tiny_tokenizer)
         with torch.device("meta"):
             seshu = count_parameters(build_model(size, tiny_tokenizer))
