@@ -4,7 +4,7 @@ transformers' `Mamba2Mixer.forward` computes the SSM part of every layer by call
 function `transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan` (on CPU: the chunked SSD
 algorithm in plain torch, whose autograd graph keeps a dozen activation-sized intermediates per layer).
 Three drop-ins for it, by name in `SCANS`:
-    "chunked"     transformers' own function, as imported
+    "chunked"     transformers' own torch function, unwrapped from its kernel binding
     "ssd"         `ssd_scan`: the same chunked algorithm with a hand-written backward that saves only the
                   chunk-boundary states (`fedem.model.ssd`) — fedem's default, see below
     "sequential"  `sequential_scan`: one time step at a time, as the Mamba-2 paper writes the recurrence;
@@ -19,7 +19,8 @@ train and run on it, and a `use_scan` block always finds it already installed.
 The CUDA kernels. Where mamba-ssm and causal-conv1d are installed (`pip install 'fedem[cuda]'`),
 transformers binds these module functions to their kernels, which take CUDA tensors only. fedem then
 installs `ByDevice` dispatchers instead: CUDA tensors go to the kernels, every other tensor to fedem's
-torch code — so one process can train on the GPU and still evaluate a copy on the CPU. Without them
+torch code — so one process can train on the GPU and still evaluate a copy on the CPU. On CUDA
+tensors the training layer is then mamba-ssm's fused kernel whatever `use_scan` says. Without them
 (or with `FEDEM_KERNELS=0`) fedem's torch code runs on every device. `KERNELS` says which.
 
 Glossary (code name → Mamba-2 paper symbol, shape as passed to the scan):
