@@ -28,8 +28,7 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import yaml  # noqa: E402
-
+from fedem.config import load_yaml  # noqa: E402
 from machine import machine_info, machine_line  # noqa: E402
 from train_throughput import LLAMA, REPO, SMALL  # noqa: E402
 
@@ -39,7 +38,7 @@ SIZES: dict[str, dict[str, Any]] = {
     # seshu-base, vocabulary 16,000: 133M; the Llama with 17 layers: 133M
     "base": {
         "vocab": 16_000,
-        "seshu": yaml.safe_load((REPO / "configs" / "seshu-base.yaml").read_text())["model"],
+        "seshu": load_yaml(REPO / "configs" / "seshu-base.yaml")["model"],
         "llama": {
             "hidden_size": 768,
             "num_hidden_layers": 17,

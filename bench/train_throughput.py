@@ -37,12 +37,11 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from fedem.config import load_yaml
 from machine import machine_info, memory_available
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL: dict[str, Any] = yaml.safe_load((REPO / "configs" / "seshu-small.yaml").read_text())["model"]
+SMALL: dict[str, Any] = load_yaml(REPO / "configs" / "seshu-small.yaml")["model"]
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "head_dim": 16, "chunk_size": 16}
 # A LlamaForCausalLM with seshu-small's parameter count (7.16M vs 7.20M at vocabulary 8,000): the
 # attention baseline of bench/vs_llama.py, measured by this harness under the path name "llama".
