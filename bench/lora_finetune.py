@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from fedem.model.seshu import LORA_TARGETS, build_model, count_parameters
 from fedem.train.allocator import keep_freed_memory
+from fedem.train.loss import causal_lm_loss
 from generation_latency import SMALL, TINY, VOCAB, Vocab
 from machine import machine_info, machine_line
 
@@ -39,7 +40,7 @@ def tokens_per_second(model: torch.nn.Module, batches: list[torch.Tensor], warmu
     model.train()
 
     def step(ids: torch.Tensor) -> None:
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        causal_lm_loss(model, {"input_ids": ids, "labels": ids}).backward()  # as fedem's Trainer
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

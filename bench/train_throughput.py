@@ -127,6 +127,7 @@ def measure(job: Job) -> dict[str, Any]:
     from fedem.model.scan import use_scan
     from fedem.model.seshu import count_parameters
     from fedem.train.allocator import keep_freed_memory
+    from fedem.train.loss import causal_lm_loss
 
     # As `fedem.train` does before training; for every path, the baseline included, so ratios stay fair.
     allocator_tuned = keep_freed_memory()
@@ -141,7 +142,7 @@ def measure(job: Job) -> dict[str, Any]:
     rss_model = _peak_rss_mib()
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})  # fedem's training loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -1,9 +1,10 @@
 """The one training loop behind pretraining, continued pretraining and LoRA fine-tuning.
 
 It is the HF `Trainer` — so checkpoints, `--resume`, gradient accumulation, bf16 on a GPU and
-multi-GPU through `accelerate launch`/`torchrun` come with it — plus two small additions:
-per-language bits-per-byte at every evaluation (`SeshuTrainer.evaluate`) and a `metrics.jsonl` log
-that the plot and the hub read back.
+multi-GPU through `accelerate launch`/`torchrun` come with it — plus three small additions:
+the training loss without materialised logits on a CPU (`SeshuTrainer.compute_loss`,
+`fedem.train.loss`), per-language bits-per-byte at every evaluation (`SeshuTrainer.evaluate`) and a
+`metrics.jsonl` log that the plot and the hub read back.
 """
 
 import json
@@ -22,6 +23,7 @@ from fedem.errors import UserError
 from fedem.evaluate import score_lines
 from fedem.train.allocator import keep_freed_memory
 from fedem.train.config import TrainSettings
+from fedem.train.loss import causal_lm_loss, fuses
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,25 @@ class MetricsLog(TrainerCallback):
 
 
 class SeshuTrainer(Trainer):
-    """A Trainer that also reports bits-per-byte and perplexity per language at each evaluation."""
+    """A Trainer that computes the loss with `fedem.train.loss` and also reports bits-per-byte and
+    perplexity per language at each evaluation."""
 
     def __init__(self, *args: Any, heldout: dict[str, list[str]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.heldout = heldout or {}
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        # The fused loss returns no logits (evaluation asks for them) and calls the model's modules
+        # directly, which would bypass a distributed wrapper's hooks: only for the bare, local model.
+        if return_outputs or model is not self.model or "labels" not in inputs or not fuses(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return causal_lm_loss(model, inputs, num_items_in_batch)
 
     def evaluate(
         self,
