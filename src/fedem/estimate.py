@@ -45,15 +45,16 @@ class Device:
 # bf16 (80 GB HBM3); A100 SXM4 312 TFLOP/s bf16 (80 GB); T4 65 TFLOP/s fp16 mixed precision (16 GB, no
 # bf16). 0.4 MFU is what well-tuned LLM training reaches on A100/H100 (PaLM reports 46%, Megatron 30-50%).
 # Prices: rough 2024-25 cloud on-demand rates per GPU; yours will differ. `cpu` is this project's
-# 2-core machine: ~165 GFLOP/s measured fp32 matmul (2048²), 23 GB (21 GiB) RAM; bf16 is unusable on it,
-# so fp32. Its 0.9 is calibrated on fedem's CPU path (docs/design.md, "The fast CPU path"): seshu-small
-# at L=256, batch 8, trains 2,601 tokens/s = 6·N·tokens/s at 0.92 of that peak with its training mixer
-# compiled (0.84 uncompiled; transformers' stock torch path measured 0.13-0.28, ../shared/MEASUREMENTS.md).
+# 2-core machine (an Intel Xeon with AVX-512): ~395 GFLOP/s measured fp32 matmul (2048², 2 threads,
+# torch 2.13), 23 GB (21 GiB) RAM; fp32, the precision fedem trains in on a CPU. Its 0.45 is calibrated
+# on fedem's CPU path (docs/design.md, "The fast CPU path"): seshu-small at L=256, batch 8, vocabulary
+# 16k, trains 3,094 tokens/s = 6·N·tokens/s at 0.46 of that peak with its training mixer compiled and the
+# fused LM-head loss (0.38 uncompiled). ../shared/MEASUREMENTS.md's 165 GFLOP/s is an AMD EPYC (AVX2).
 DEVICES: dict[str, Device] = {
     "h100": Device("h100", 989e12, "bf16", 80, 3.00, 0.4),
     "a100": Device("a100", 312e12, "bf16", 80, 1.50, 0.4),
     "t4": Device("t4", 65e12, "fp16", 16, 0.35, 0.4),
-    "cpu": Device("cpu", 165e9, "fp32", 21, 0.0, 0.9),
+    "cpu": Device("cpu", 395e9, "fp32", 21, 0.0, 0.45),
 }
 
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022, table 3: ~20 tokens per parameter
@@ -260,7 +261,7 @@ def add_estimate_parser(commands: "argparse._SubParsersAction[argparse.ArgumentP
     p.add_argument("--tokens", help="training tokens, e.g. 2.6B (default: Chinchilla-optimal 20·params)")
     p.add_argument("--gpu", choices=sorted(DEVICES), default="h100", help="device (default h100)")
     p.add_argument("--lora-rank", type=int, help="estimate a LoRA fine-tune on in_proj at this rank")
-    p.add_argument("--utilisation", type=float, help="model-FLOPs utilisation (default 0.4; cpu 0.9)")
+    p.add_argument("--utilisation", type=float, help="model-FLOPs utilisation (default 0.4; cpu 0.45)")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch (activations)")
     p.add_argument("--hidden", type=int, help="hidden size (default: derived from --params)")

@@ -6,11 +6,11 @@ gradient of each: several passes over memory far larger than a CPU's caches, aro
 not faster for being whole. torch's `F.linear_cross_entropy` with `LinearCrossEntropyOptions` runs the
 head and the loss `CHUNK_ROWS` positions at a time and takes the gradients of the hidden states and of
 the head's weight in the same pass, so the logits never exist in full. Measured on 2 cores (hidden
-320, float32, forward + backward of head and loss, with fedem's allocator tuning): 2,048 positions × vocabulary 16k, pretraining's
-shape, 209 → 178 ms; 4,096 × 16k with the head frozen (LoRA) 291 → 235 ms, trained 409 → 353 ms;
-16,384 × 8k 814 → 690 ms; the loss and gradients equal to ~1e-6 relative, and a training step's
-peak memory lower by about the logits' size twice. Chunks of 512 rows measured as fast as or faster
-than 128, 256 and torch's own "auto" choice at each of these shapes.
+320, float32, forward + backward of head and loss, with fedem's allocator tuning): 2,048 positions ×
+vocabulary 16k, pretraining's shape, 209 → 178 ms; 4,096 × 16k with the head frozen (LoRA) 291 →
+235 ms, trained 409 → 353 ms; 16,384 × 8k 814 → 690 ms; the loss and gradients equal to ~1e-6
+relative, and a training step's peak memory lower by about the logits' size twice. Chunks of 512
+rows measured as fast as or faster than 128, 256 and torch's own "auto" choice at each shape.
 
 It is used where it was measured, on a CPU, for a plain `nn.Linear` head (a LoRA-wrapped head or any
 other module falls back to the model's own forward), and for the same arithmetic as
