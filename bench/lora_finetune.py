@@ -24,9 +24,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers.utils import logging
 
+from fedem.loss import causal_lm_loss
 from fedem.model.seshu import LORA_TARGETS, build_model, count_parameters
 from fedem.train.allocator import keep_freed_memory
-from fedem.train.loss import causal_lm_loss
 from generation_latency import SMALL, TINY, VOCAB, Vocab
 from machine import machine_info, machine_line
 

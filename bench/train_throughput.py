@@ -124,10 +124,10 @@ def measure(job: Job) -> dict[str, Any]:
     import torch
     from transformers.utils import logging
 
+    from fedem.loss import causal_lm_loss
     from fedem.model.scan import use_scan
     from fedem.model.seshu import count_parameters
     from fedem.train.allocator import keep_freed_memory
-    from fedem.train.loss import causal_lm_loss
 
     # As `fedem.train` does before training; for every path, the baseline included, so ratios stay fair.
     allocator_tuned = keep_freed_memory()

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-import torch.nn.functional as F
 from sacrebleu.metrics import BLEU, CHRF
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -37,6 +36,7 @@ from fedem.data.prompts import translation_prompt
 from fedem.errors import UserError
 from fedem.generate import generate_ids, load_for_inference
 from fedem.languages import LANGUAGES, language
+from fedem.loss import summed_nll
 from fedem.model.fertility import premium, tokenizer_counter
 from fedem.model.load import ModelSource, load_pretrained, model_source
 from fedem.model.seshu import count_parameters
@@ -72,10 +72,8 @@ def batch_nll(
     `batch` is `pad_batch`'s output: each position predicts the next token; labels of -100 (padding,
     prompts) are skipped."""
     batch = {key: value.to(device) for key, value in batch.items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    targets = batch["labels"][:, 1:]  # (batch, width - 1)
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll.item(), int((targets != IGNORE_INDEX).sum())
+    nll = summed_nll(model, batch)  # without the (batch, width, vocabulary) logits on a CPU (fedem.loss)
+    return nll.item(), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()

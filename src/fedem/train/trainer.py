@@ -3,7 +3,7 @@
 It is the HF `Trainer` — so checkpoints, `--resume`, gradient accumulation, bf16 on a GPU and
 multi-GPU through `accelerate launch`/`torchrun` come with it — plus three small additions:
 the training loss without materialised logits on a CPU (`SeshuTrainer.compute_loss`,
-`fedem.train.loss`), per-language bits-per-byte at every evaluation (`SeshuTrainer.evaluate`) and a
+`fedem.loss`), per-language bits-per-byte at every evaluation (`SeshuTrainer.evaluate`) and a
 `metrics.jsonl` log that the plot and the hub read back.
 """
 
@@ -21,9 +21,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from fedem.errors import UserError
 from fedem.evaluate import score_lines
+from fedem.loss import causal_lm_loss, fuses
 from fedem.train.allocator import keep_freed_memory
 from fedem.train.config import TrainSettings
-from fedem.train.loss import causal_lm_loss, fuses
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class MetricsLog(TrainerCallback):
 
 
 class SeshuTrainer(Trainer):
-    """A Trainer that computes the loss with `fedem.train.loss` and also reports bits-per-byte and
+    """A Trainer that computes the loss with `fedem.loss` and also reports bits-per-byte and
     perplexity per language at each evaluation."""
 
     def __init__(self, *args: Any, heldout: dict[str, list[str]] | None = None, **kwargs: Any) -> None:

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from fedem.data.packing import IGNORE_INDEX
+from fedem.loss import CHUNK_ROWS, causal_lm_loss, fuses, summed_nll
 from fedem.model.seshu import LORA_TARGETS
-from fedem.train.loss import CHUNK_ROWS, causal_lm_loss, fuses
 from fedem.train.trainer import SeshuTrainer
 
 
@@ -124,3 +125,35 @@ def test_training_steps_take_the_fused_path(
     SeshuTrainer(model=model, args=args, train_dataset=rows).train()  # type: ignore[arg-type]
     labelled = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert len(calls) == 2 and sum(int(n) for n in calls) == 2 * labelled  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("lora_on_head", [False, True])
+def test_summed_nll_matches_a_float64_reference(tiny_model_dir: Path, lora_on_head: bool) -> None:
+    """What `fedem evaluate` sums: fused (no grad) or, for a wrapped head, from the model's logits."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    if lora_on_head:
+        config = LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+        model = get_peft_model(model, config).eval()
+    assert fuses(model) is not lora_on_head
+    inputs = _inputs(model.config.vocab_size)
+    with torch.no_grad():
+        nll = summed_nll(model, inputs)
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        targets = inputs["labels"][:, 1:].flatten()
+        reference = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).double(), targets, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+    torch.testing.assert_close(nll.double(), reference, rtol=1e-6, atol=0.0)
+
+
+def test_a_batch_with_nothing_to_predict_leaves_the_weights_finite(tiny_model_dir: Path) -> None:
+    """Every label -100 (a prompt filling max_length): loss 0 and zero gradients, alone or accumulated."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    inputs = _inputs(model.config.vocab_size)
+    inputs["labels"] = torch.full_like(inputs["labels"], IGNORE_INDEX)
+    for num_items in (None, 0):
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model, inputs, num_items)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
