@@ -48,7 +48,7 @@ demo: install
 		"plots: $(DEMO)/federation/bpb.png, $(DEMO)/federation/chrf.png;" \
 		"release v2 model card: $(DEMO)/federation/release/v2/README.md"
 
-# Issue 5's figures, ~23 min on 2 idle cores (each writes Markdown + JSON to bench/results/): training
+# Issue 5's figures, ~20 min on 2 idle cores (each writes Markdown + JSON to bench/results/): training
 # speed and memory vs a same-size Llama, generation latency, LoRA vs full fine-tuning, and equal
 # wall-clock pretraining vs Llama next to SmolLM2 (the leaderboard). The hub's and the server's own
 # benchmarks (hub_throughput, hub_load, serve_latency) run alone: see bench/README.md.
