@@ -1,4 +1,4 @@
-"""The training loss of a causal LM without its logits: the LM head and cross-entropy fused, in chunks.
+"""A causal LM's next-token loss (training) and summed NLL (evaluation) with the LM head fused, in chunks.
 
 transformers' `…ForCausalLM.forward` computes the logits of every position, (batch·length, vocabulary)
 floats — 131 MB at batch 8, length 256, vocabulary 16k — then their log-softmax and, in backward, the
@@ -12,8 +12,9 @@ vocabulary 16k, pretraining's shape, 209 → 178 ms; 4,096 × 16k with the head 
 relative, and a training step's peak memory lower by about the logits' size twice. Chunks of 512
 rows measured as fast as or faster than 128, 256 and torch's own "auto" choice at each shape.
 
-It is used where it was measured, on a CPU, for a plain `nn.Linear` head (a LoRA-wrapped head or any
-other module falls back to the model's own forward), and for the same arithmetic as
+`fedem.train`'s Trainer and `fedem.evaluate` both use it, where it was measured: on a CPU, for a plain
+`nn.Linear` head after a separate backbone (a LoRA-wrapped head or any other module falls back to the
+model's own forward); and for the same arithmetic as
 `transformers.loss.loss_utils.ForCausalLMLoss`: labels shifted left by one with -100 appended, mean
 over labelled positions, or their sum over `num_items_in_batch` (the Trainer's gradient accumulation).
 """
