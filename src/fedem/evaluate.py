@@ -31,12 +31,12 @@ from sacrebleu.metrics import BLEU, CHRF
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from fedem.data.corpus import Pair, load_mono, read_pairs, test_pairs_path
-from fedem.data.packing import IGNORE_INDEX, pad_batch
+from fedem.data.packing import pad_batch
 from fedem.data.prompts import translation_prompt
 from fedem.errors import UserError
 from fedem.generate import generate_ids, load_for_inference
 from fedem.languages import LANGUAGES, language
-from fedem.loss import summed_nll
+from fedem.loss import count_labelled, summed_nll
 from fedem.model.fertility import premium, tokenizer_counter
 from fedem.model.load import ModelSource, load_pretrained, model_source
 from fedem.model.seshu import count_parameters
@@ -73,7 +73,7 @@ def batch_nll(
     prompts) are skipped."""
     batch = {key: value.to(device) for key, value in batch.items()}
     nll = summed_nll(model, batch)  # without the (batch, width, vocabulary) logits on a CPU (fedem.loss)
-    return nll.item(), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return nll.item(), int(count_labelled(batch["labels"]))
 
 
 @torch.no_grad()

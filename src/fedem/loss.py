@@ -54,23 +54,15 @@ def _next_tokens(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
 
 
-def summed_nll(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Σ −log p(next token) in nats over the labelled positions of `inputs` (input_ids, labels and
-    optionally attention_mask; labels -100 are skipped), fused where `fuses(model)`.
+def count_labelled(labels: torch.Tensor) -> torch.Tensor:
+    """How many next tokens of (batch, length) `labels` the loss counts: those not -100."""
+    return (_next_tokens(labels) != IGNORE_INDEX).sum()
 
-    On the fused path the sum is also the more accurate one: 2e-8 from a float64 reference over 50
-    Kannada FLORES sentences under SmolLM2-135M, against 1e-4 for float32 cross-entropy on the logits.
-    """
-    targets = _next_tokens(inputs["labels"])
-    features = {key: value for key, value in inputs.items() if key != "labels"}
-    if not fuses(model):
-        logits = model(**features, use_cache=False).logits.float()
-        return F.cross_entropy(
-            logits.flatten(0, 1),
-            targets.flatten().to(logits.device),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
+
+def _fused_nll(
+    model: torch.nn.Module, features: Mapping[str, torch.Tensor], targets: torch.Tensor
+) -> torch.Tensor:
+    """Σ −log p over `targets` from the backbone's hidden states, the head applied in chunks."""
     causal_lm = _causal_lm(model)
     hidden = causal_lm.base_model(**features, use_cache=False).last_hidden_state  # (b, l, d)
     head = causal_lm.get_output_embeddings()
@@ -82,6 +74,30 @@ def summed_nll(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> to
         ignore_index=IGNORE_INDEX,
         reduction="sum",
         options=_CHUNKED,
+    )
+
+
+def _split(inputs: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model's inputs without the labels, and the next-token targets."""
+    return {key: value for key, value in inputs.items() if key != "labels"}, _next_tokens(inputs["labels"])
+
+
+def summed_nll(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Σ −log p(next token) in nats over the labelled positions of `inputs` (input_ids, labels and
+    optionally attention_mask; labels -100 are skipped), fused where `fuses(model)`.
+
+    On the fused path the sum is also the more accurate one: 2e-8 from a float64 reference over 50
+    Kannada FLORES sentences under SmolLM2-135M, against 1e-4 for float32 cross-entropy on the logits.
+    """
+    features, targets = _split(inputs)
+    if fuses(model):
+        return _fused_nll(model, features, targets)
+    logits = model(**features, use_cache=False).logits.float()
+    return F.cross_entropy(
+        logits.flatten(0, 1),
+        targets.flatten().to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
 
 
@@ -98,9 +114,9 @@ def causal_lm_loss(
     if not fuses(model):
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return model(**inputs, **extra, use_cache=False).loss
-    nll = summed_nll(model, inputs)
+    nll = _fused_nll(model, *_split(inputs))
     if num_items_in_batch is None:
-        count = (_next_tokens(inputs["labels"]) != IGNORE_INDEX).sum()
+        count = count_labelled(inputs["labels"])
     else:
         count = torch.as_tensor(num_items_in_batch, device=nll.device)
     # A batch with nothing to predict (every label -100: a prompt that fills max_length) has nll 0. Its
