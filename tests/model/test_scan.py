@@ -13,12 +13,14 @@ from transformers.models.mamba2 import modeling_mamba2
 
 from fedem.model.scan import (
     CHUNKED_SCAN,
+    CONV_PROMPT,
     CONV_UPDATE,
     DEFAULT_SCAN,
     KERNELS,
     SCANS,
     STATE_UPDATE,
     ByDevice,
+    conv_prompt,
     conv_step,
     on_torch,
     sequential_scan,
@@ -226,6 +228,7 @@ def test_scans_registry_and_default() -> None:
     installed = {
         "mamba2_chunk_scan": DEFAULT_SCAN,
         "causal_conv1d_update": conv_step,
+        "causal_conv1d_fn": conv_prompt,
         "mamba2_split_conv1d_scan_combined": split_conv1d_scan_combined,
         "mamba2_selective_state_update": state_step,
     }
@@ -233,7 +236,7 @@ def test_scans_registry_and_default() -> None:
         assert on_torch(getattr(modeling_mamba2, name)) is fn
         assert isinstance(getattr(modeling_mamba2, name), ByDevice) is KERNELS  # kernels for CUDA tensors
     # The fallbacks are transformers' torch code itself, never its wrapper (which may hold a CUDA kernel).
-    for fallback in (CHUNKED_SCAN, STATE_UPDATE, CONV_UPDATE, on_torch(modeling_mamba2.causal_conv1d_fn)):
+    for fallback in (CHUNKED_SCAN, STATE_UPDATE, CONV_UPDATE, CONV_PROMPT):
         assert fallback.__module__ == modeling_mamba2.__name__ and not hasattr(fallback, "__wrapped__")
 
 
@@ -269,6 +272,27 @@ def test_conv_step_matches_transformers_decode_convolution(
     several = torch.randn(batch, channels, 3)
     expected = CONV_UPDATE(several, theirs.clone(), weight, bias, activation)
     torch.testing.assert_close(conv_step(several, ours.clone(), weight, bias, activation), expected)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("activation", ["silu", None])
+def test_conv_prompt_matches_transformers_convolution(with_bias: bool, activation: str | None) -> None:
+    """The same output as transformers' `causal_conv1d_fn` on the mixer's transposed view of a
+    (b, l, c) in_proj output, returned as a transposed view of a contiguous (b, l, c); an input that
+    needs a gradient goes to transformers' function, gradients and all."""
+    torch.manual_seed(0)
+    batch, length, channels, kernel = 2, 11, 24, 4
+    projected = torch.randn(batch, length, channels + 5)  # the conv's channels and others, side by side
+    hidden = projected[..., :channels].transpose(1, 2)  # (b, c, l), as Mamba2Mixer passes it
+    weight, bias = torch.randn(channels, kernel), torch.randn(channels) if with_bias else None
+    out = conv_prompt(hidden, weight, bias, activation)
+    torch.testing.assert_close(out, CONV_PROMPT(hidden, weight, bias, activation), rtol=1e-6, atol=1e-6)
+    assert out.transpose(1, 2).is_contiguous()
+
+    trained = hidden.detach().requires_grad_()
+    out = conv_prompt(trained, weight, bias, activation)
+    assert out.grad_fn is not None
+    torch.testing.assert_close(out, CONV_PROMPT(trained, weight, bias, activation), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
