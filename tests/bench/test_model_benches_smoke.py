@@ -1,5 +1,6 @@
-"""`bench/generation_latency.py` and `bench/lora_finetune.py` run end to end with `--quick` (tiny models)
-and write their reports; figures are checked for shape and sense, never for speed."""
+"""`bench/generation_latency.py`, `bench/lora_finetune.py` and `bench/scoring_forward.py` run end to
+end with `--quick` (tiny models) and write their reports; figures are checked for shape and sense,
+never for speed."""
 
 from pathlib import Path
 from typing import Any
@@ -34,3 +35,12 @@ def test_lora_finetune_quick(tmp_path: Path) -> None:
     assert report["trainable_share"] == pytest.approx(report["trainable"] / report["parameters"], abs=1e-5)
     assert 0 < report["bytes"]["adapter"] < report["bytes"]["full_checkpoint"]
     assert report["tokens_per_s"]["full"] > 0 and report["tokens_per_s"]["lora"] > 0
+
+
+@pytest.mark.slow
+def test_scoring_forward_quick(tmp_path: Path) -> None:
+    report = run_bench("scoring_forward.py", tmp_path)
+    assert report["built"]  # the C loop builds wherever the suite runs (CI has a C compiler)
+    assert [row["what"] for row in report["rows"]] == ["whole forward, L=64", "one layer's scan, L=64"]
+    for row in report["rows"]:
+        assert row["seconds"]["C loop"] > 0 and row["seconds"]["torch"] > 0 and row["speedup"] > 0

@@ -9,7 +9,9 @@ and its backward recomputes the rest one layer at a time.
 
 While training, `fedem.model.mixer` runs `Chunks` and `scan_backward` per tile of a fixed shape
 inside a `torch.compile`d function (docs/design.md); elsewhere (`ChunkedScan`) they run eagerly, since
-a compile per new input shape (~1 min for the scan alone on 2 cores) does not pay for itself there.
+a compile per new input shape (~1 min for the scan alone on 2 cores) does not pay for itself there —
+and `ChunkedScan`'s forward runs as a compiled C loop (`fedem.model.native`) where that applies:
+float32 on a CPU, which is every evaluation and generation prefill.
 
 Glossary (as in `fedem.model.scan`, per head and head channel; shapes in the chunked layout):
     x      input                           (b, c, Q, h, p)     b batch, c chunks, Q chunk_size
@@ -32,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from fedem.model import native
 
 Tensor = torch.Tensor
 
@@ -223,9 +227,13 @@ class ChunkedScan(torch.autograd.Function):
         initial: Tensor | None,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
-        chunks = Chunks(x, delta, A, B, C, chunk_size)
-        states_in, final = chunks.states_entering(initial)
-        y = from_chunks(chunks.output(states_in), x.shape[1])
+        compiled = native.forward(x, delta, A, B, C, initial, chunk_size, any(ctx.needs_input_grad))
+        if compiled is not None:
+            y, states_in, final = compiled
+        else:
+            chunks = Chunks(x, delta, A, B, C, chunk_size)
+            states_in, final = chunks.states_entering(initial)
+            y = from_chunks(chunks.output(states_in), x.shape[1])
         ctx.save_for_backward(x, delta, A, B, C, states_in)
         ctx.chunk_size = chunk_size
         ctx.has_initial = initial is not None

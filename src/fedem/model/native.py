@@ -1,0 +1,183 @@
+"""The SSD scan's forward as a compiled C loop (`ssd_forward.c`), built at first use on this machine.
+
+`fedem.model.ssd.ChunkedScan` runs on it when it can: float32 on a CPU, head_dim, state size and
+chunk size multiples of 4, chunk size ≤ 128. That is every prompt-sized forward outside training —
+evaluation, generation prefill, the hub's scoring. The torch code does the same algebra as a dozen
+tensor passes; the C loop does one chunk and head at a time in cache (measured in docs/design.md).
+
+Building. The first call compiles `ssd_forward.c` with the C compiler Python was built with (`CC`
+in the environment overrides it), `-O3 -march=native` and the three sizes as constants, into
+`$XDG_CACHE_HOME/fedem/native/` (default `~/.cache`) under a name hashing the source, the flags and
+this CPU, written atomically; later calls and processes load it (~1 s to compile). Where there is no
+compiler, or it fails, or `FEDEM_NATIVE=0`, `forward` returns None — after one warning — and the
+torch code runs: the results agree to float32 rounding (tests/model/test_native.py).
+
+Threads. ctypes releases the GIL, so the batch's rows (or, for one row, its heads) are split over
+`torch.get_num_threads()` Python threads, each running the loop on its own share.
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import torch
+
+Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("ssd_forward.c")
+# 512-bit vectors where the CPU has them: gcc's -march=native prefers 256 on recent Xeons, which ran
+# the loop 1.5× slower here. No -ffast-math: linked into a shared object it can switch the whole
+# process's float mode (flush-to-zero).
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared")
+MAX_CHUNK = 128
+
+
+def enabled() -> bool:
+    return os.environ.get("FEDEM_NATIVE", "1") != "0"
+
+
+def _compiler() -> str | None:
+    configured = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(configured) or shutil.which("cc")
+
+
+def _cpu_signature() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(encoding="utf-8").split("\n\n")[0]
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fedem" / "native"
+
+
+@cache
+def _library(head_dim: int, state_size: int, chunk_size: int) -> ctypes.CDLL | None:
+    """The compiled loop for these sizes, building it if no process has; None (and one warning) if
+    it cannot be built or loaded."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler found: the SSD scan's forward runs as torch code")
+        return None
+    defines = (f"-DP={head_dim}", f"-DN={state_size}", f"-DQ={chunk_size}")
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(encoding="utf-8"), compiler, *FLAGS, *defines, _cpu_signature()]).encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"ssd_forward_{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as work:
+                built = Path(work) / target.name
+                subprocess.run(
+                    [compiler, *FLAGS, *defines, str(SOURCE), "-o", str(built), "-lm"],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                built.replace(target)  # atomic: another process sees the whole file or none
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or str(error)
+        first_line = (detail.strip().splitlines() or [""])[0]
+        log.warning("could not build the SSD scan's C loop (%s): it runs as torch code", first_line)
+        return None
+    library.ssd_forward.restype = ctypes.c_int
+    library.ssd_forward.argtypes = [
+        ctypes.c_long,
+        *(ctypes.c_int,) * 2,
+        *(ctypes.c_void_p,) * 9,
+        *(ctypes.c_int,) * 4,
+    ]
+    return library
+
+
+def builds(head_dim: int, state_size: int, chunk_size: int) -> bool:
+    """Whether the C loop for these sizes is built here, building it if need be."""
+    return _library(head_dim, state_size, chunk_size) is not None
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedem-ssd")
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def forward(
+    x: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    initial: Tensor | None,
+    chunk_size: int,
+    keep_states: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor] | None:
+    """y (b, l, h, p), the states entering each chunk (b, c, h, p, n; None unless `keep_states`, which
+    a backward needs) and the final state (b, h, p, n) of the scan — `fedem.model.ssd`'s shapes and
+    glossary — or None where the C loop does not apply (another dtype or device, sizes it was not
+    written for, `FEDEM_NATIVE=0`, no compiler)."""
+    batch, length, heads, head_dim = x.shape
+    groups, state_size = B.shape[2], B.shape[3]
+    tensors = (x, delta, A, B, C) + (() if initial is None else (initial,))
+    if not (
+        enabled()
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and head_dim % 4 == 0
+        and state_size % 4 == 0
+        and chunk_size % 4 == 0
+        and chunk_size <= MAX_CHUNK
+    ):
+        return None
+    library = _library(head_dim, state_size, chunk_size)
+    if library is None:
+        return None
+    padded = -(-length // chunk_size) * chunk_size
+    pad = padded - length
+
+    def ready(t: Tensor) -> Tensor:  # contiguous and zero-padded along the length: exact (Δ = 0)
+        t = t.contiguous()
+        return t if not pad else torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
+
+    x_, delta_, B_, C_ = ready(x), ready(delta), ready(B), ready(C)
+    A_ = A.contiguous()
+    initial_ = None if initial is None else initial.contiguous()
+    y = x.new_empty((batch, padded, heads, head_dim))
+    states_in = (
+        x.new_empty((batch, padded // chunk_size, heads, head_dim, state_size)) if keep_states else None
+    )
+    final = x.new_empty((batch, heads, head_dim, state_size))
+    pointers = [_pointer(t) for t in (x_, delta_, A_, B_, C_, initial_, y, states_in, final)]
+
+    def run(rows: tuple[int, int], head_range: tuple[int, int]) -> None:
+        if library.ssd_forward(padded, heads, groups, *pointers, *rows, *head_range):
+            raise MemoryError("the SSD scan's C loop could not allocate its states")
+
+    threads = max(1, torch.get_num_threads())
+    if batch >= threads or heads < 2:  # rows over threads
+        bounds = [(batch * i // threads, batch * (i + 1) // threads) for i in range(threads)]
+        shares = [(rows, (0, heads)) for rows in bounds if rows[1] > rows[0]]
+    else:  # one short batch: heads over threads
+        bounds = [(heads * i // threads, heads * (i + 1) // threads) for i in range(threads)]
+        shares = [((0, batch), head_range) for head_range in bounds if head_range[1] > head_range[0]]
+    if len(shares) == 1:
+        run(*shares[0])
+    else:
+        for future in [_pool(threads).submit(run, *share) for share in shares]:
+            future.result()
+    return y[:, :length], states_in, final
