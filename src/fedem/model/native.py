@@ -52,15 +52,23 @@ def _compiler() -> str | None:
 
 
 def _cpu_signature() -> str:
+    """The CPU's model and instruction-set flags (not its clock, which /proc/cpuinfo reports live)."""
     try:
-        return Path("/proc/cpuinfo").read_text(encoding="utf-8").split("\n\n")[0]
+        first = Path("/proc/cpuinfo").read_text(encoding="utf-8").split("\n\n")[0]
     except OSError:
         return platform.processor()
+    return "\n".join(line for line in first.splitlines() if line.startswith(("model name", "flags")))
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fedem" / "native"
+    """`$XDG_CACHE_HOME/fedem/native` (default `~/.cache`), or a folder in the temporary directory
+    where that cannot be created (a read-only home)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedem" / "native"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        return base
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"fedem-native-{os.getuid()}"
 
 
 @cache
