@@ -2,6 +2,7 @@
 on it in float32 and on torch code where it does not apply or cannot be built."""
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,19 @@ def test_without_a_working_compiler_the_torch_code_runs(
         assert not list(tmp_path.rglob("*.so"))  # no half-built library left behind
     finally:
         native._library.cache_clear()
+
+
+def test_a_forked_child_runs_it_on_threads_of_its_own() -> None:
+    """The parent's worker threads do not survive a fork; the child must not wait on them."""
+    x, delta, A, B, C, h0 = inputs(4, 64, 4, 8, 1, 8, False)
+    expected = native.forward(x, delta, A, B, C, h0, 16)  # starts the parent's pool
+    assert expected is not None
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover — the child reports through the pipe
+        out = native.forward(x, delta, A, B, C, h0, 16)
+        os.write(write, b"1" if out is not None and torch.equal(out[0], expected[0]) else b"0")
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(child, 0)
+    assert os.read(read, 1) == b"1" and status == 0

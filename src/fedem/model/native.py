@@ -118,7 +118,8 @@ def builds(head_dim: int, state_size: int, chunk_size: int) -> bool:
 
 
 @cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, process: int) -> ThreadPoolExecutor:
+    """Worker threads for this process: a forked child gets its own (its parent's threads are gone)."""
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedem-ssd")
 
 
@@ -186,6 +187,6 @@ def forward(
     if len(shares) == 1:
         run(*shares[0])
     else:
-        for future in [_pool(threads).submit(run, *share) for share in shares]:
+        for future in [_pool(threads, os.getpid()).submit(run, *share) for share in shares]:
             future.result()
     return y[:, :length], states_in, final
