@@ -46,7 +46,7 @@ static inline void rows_times(int K, const float *a, int lda, const float *b, fl
 static void scan_row(long L, int H, int G, const float *x, const float *dt, const float *A,
                      const float *B, const float *C, const float *initial, float *y, float *states_in,
                      float *final, int h0, int h1, float *state) {
-    static __thread float scores[Q * Q], mixing[Q * Q], decay[Q * Q], xbar[Q * P], Bt[N * Q], factor[Q];
+    float scores[Q * Q], mixing[Q * Q], decay[Q * Q], xbar[Q * P], Bt[N * Q], factor[Q];
     const int per_group = H / G;
     const long stride = (long)G * N; /* from one position's B (or C) to the next */
     /* The states, kept as (N, P) so that their contractions run along P. */
