@@ -279,20 +279,22 @@ def test_conv_step_matches_transformers_decode_convolution(
 def test_conv_prompt_matches_transformers_convolution(with_bias: bool, activation: str | None) -> None:
     """The same output as transformers' `causal_conv1d_fn` on the mixer's transposed view of a
     (b, l, c) in_proj output, returned as a transposed view of a contiguous (b, l, c); an input that
-    needs a gradient goes to transformers' function, gradients and all."""
+    needs a gradient, or any call under another scan, goes to transformers' function."""
     torch.manual_seed(0)
     batch, length, channels, kernel = 2, 11, 24, 4
     projected = torch.randn(batch, length, channels + 5)  # the conv's channels and others, side by side
     hidden = projected[..., :channels].transpose(1, 2)  # (b, c, l), as Mamba2Mixer passes it
     weight, bias = torch.randn(channels, kernel), torch.randn(channels) if with_bias else None
-    out = conv_prompt(hidden, weight, bias, activation)
-    torch.testing.assert_close(out, CONV_PROMPT(hidden, weight, bias, activation), rtol=1e-6, atol=1e-6)
+    out, theirs = conv_prompt(hidden, weight, bias, activation), CONV_PROMPT(hidden, weight, bias, activation)
+    torch.testing.assert_close(out, theirs, rtol=1e-6, atol=1e-6)
     assert out.transpose(1, 2).is_contiguous()
 
     trained = hidden.detach().requires_grad_()
     out = conv_prompt(trained, weight, bias, activation)
     assert out.grad_fn is not None
     torch.testing.assert_close(out, CONV_PROMPT(trained, weight, bias, activation), rtol=0, atol=0)
+    with use_scan("chunked"):  # transformers' own layer, bit for bit
+        torch.testing.assert_close(conv_prompt(hidden, weight, bias, activation), theirs, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("groups", [1, 2])

@@ -281,13 +281,16 @@ def conv_prompt(
     it, which copies the view into (b, c, l) first; `fedem.model.mixer.causal_conv` works in the
     (b, l, c) layout as it is, and returns a transposed view of its contiguous (b, l, c) output:
     seshu-small's whole forward at batch 8 took 0.45 s instead of 0.475 at L=512, 3.06 s instead of
-    3.64 at L=2048, on 2 cores. Like
-    transformers' fallback it ignores `kwargs` (the kernel's `seq_idx`). An input that needs a
-    gradient goes to that fallback: in training fedem's layer convolves inside `MixerCore`, so with a
-    gradient only transformers' own layer gets here (`use_scan("chunked")` or `"sequential"`, or an
-    input `MixerCore` declines), and it stays transformers' own.
+    3.64 at L=2048, on 2 cores. Like transformers' fallback it ignores `kwargs` (the kernel's
+    `seq_idx`).
+
+    It hands the call to that fallback whenever a `use_scan` block has installed a scan other than
+    `ssd_scan`, so that "chunked" and "sequential" keep meaning transformers' own layer exactly, and
+    for an input that needs a gradient: in training fedem's layer convolves inside `MixerCore`, and
+    only an input that `MixerCore` declines gets here, to transformers' own layer.
     """
-    if hidden_states.requires_grad and torch.is_grad_enabled():
+    fedem_layer = on_torch(modeling_mamba2.mamba2_chunk_scan) is ssd_scan
+    if not fedem_layer or (hidden_states.requires_grad and torch.is_grad_enabled()):
         return CONV_PROMPT(hidden_states, weight, bias, activation, **kwargs)
     out = causal_conv(hidden_states.transpose(1, 2).to(weight.dtype), weight, bias)
     if activation is not None:
