@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fedem.model import native
 from fedem.model.scan import sequential_scan
-from fedem.model.ssd import ChunkedScan, Chunks
+from fedem.model.ssd import ChunkedScan, Chunks, from_chunks, to_chunks
 from tests.model.conftest import rel_err
 
 # (batch, length, heads, head_dim, groups, state, chunk, initial state): lengths that are not whole
@@ -38,13 +38,19 @@ def inputs(batch: int, length: int, heads: int, head_dim: int, groups: int, stat
     return x, delta, A, B, C, h0
 
 
+def scan(x, delta, A, B, C, h0, chunk, keep_states=True):
+    """`native.forward` on (b, l, …) inputs, chunked as `ChunkedScan` does it; y back as (b, l, h, p)."""
+    assert native.usable(x, delta, A, B, C, h0, chunk), "the C loop does not run these inputs here"
+    x_c, delta_c, B_c, C_c = (to_chunks(t, chunk) for t in (x, delta, B, C))
+    y, states_in, final = native.forward(x_c, delta_c, A, B_c, C_c, h0, keep_states)
+    return from_chunks(y, x.shape[1]), states_in, final
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}-l{}-h{}p{}g{}n{}-q{}".format(*s))
 def test_native_forward_matches_sequential_reference(shape: tuple[int, ...]) -> None:
     *sizes, chunk, initial = shape
     x, delta, A, B, C, h0 = inputs(*sizes, initial)
-    out = native.forward(x, delta, A, B, C, h0, chunk)
-    assert out is not None, "the C loop did not build on this machine"
-    y, states_in, final = out
+    y, states_in, final = scan(x, delta, A, B, C, h0, chunk)
     # The reference takes dt before the softplus; give it Δ itself (no softplus, no bias).
     double = [t.double() for t in (x, delta, A, B, C)]
     y_ref, final_ref = sequential_scan(
@@ -56,8 +62,8 @@ def test_native_forward_matches_sequential_reference(shape: tuple[int, ...]) -> 
     states_ref, _ = Chunks(*double, chunk).states_entering(None if h0 is None else h0.double())
     assert rel_err(states_in, states_ref) <= 1e-5
     # Where no backward follows it skips them, and nothing else changes.
-    lean = native.forward(x, delta, A, B, C, h0, chunk, keep_states=False)
-    assert lean is not None and lean[1] is None
+    lean = scan(x, delta, A, B, C, h0, chunk, keep_states=False)
+    assert lean[1] is None
     assert torch.equal(lean[0], y) and torch.equal(lean[2], final)
 
 
@@ -65,8 +71,7 @@ def test_chunked_scan_runs_on_it_in_float32_and_keeps_its_gradients() -> None:
     x, delta, A, B, C, h0 = inputs(2, 70, 4, 8, 2, 12, True)
     leaves = [t.requires_grad_() for t in (x, delta, A, B, C, h0)]
     y, final = ChunkedScan.apply(*leaves, 16)
-    compiled = native.forward(*(t.detach() for t in leaves), 16)
-    assert compiled is not None
+    compiled = scan(*(t.detach() for t in leaves), 16)
     torch.testing.assert_close(y, compiled[0], rtol=0, atol=0)
     grads = torch.autograd.grad((y * y).sum() + final.sum(), leaves)
 
@@ -79,12 +84,13 @@ def test_chunked_scan_runs_on_it_in_float32_and_keeps_its_gradients() -> None:
 
 def test_declines_what_it_was_not_written_for(monkeypatch: pytest.MonkeyPatch) -> None:
     x, delta, A, B, C, h0 = inputs(1, 20, 2, 8, 1, 8, True)
-    assert native.forward(*(t.double() for t in (x, delta, A, B, C, h0)), 8) is None  # float64
-    assert native.forward(x[..., :6], delta, A, B, C, h0[:, :, :6], 8) is None  # head_dim 6
-    assert native.forward(x, delta, A, B, C, h0, 6) is None  # chunk 6
-    assert native.forward(x, delta, A, B, C, h0, 256) is None  # chunk above MAX_CHUNK
+    assert native.usable(x, delta, A, B, C, h0, 8)
+    assert not native.usable(*(t.double() for t in (x, delta, A, B, C, h0)), 8)  # float64
+    assert not native.usable(x[..., :6], delta, A, B, C, h0[:, :, :6], 8)  # head_dim 6
+    assert not native.usable(x, delta, A, B, C, h0, 6)  # chunk 6
+    assert not native.usable(x, delta, A, B, C, h0, 256)  # chunk above MAX_CHUNK
     monkeypatch.setenv("FEDEM_NATIVE", "0")
-    assert native.forward(x, delta, A, B, C, h0, 8) is None
+    assert not native.usable(x, delta, A, B, C, h0, 8)
 
 
 def test_without_a_working_compiler_the_torch_code_runs(
@@ -96,7 +102,7 @@ def test_without_a_working_compiler_the_torch_code_runs(
     try:
         x, delta, A, B, C, h0 = inputs(1, 24, 2, 12, 1, 12, False)
         with caplog.at_level(logging.WARNING, logger="fedem.model.native"):
-            assert native.forward(x, delta, A, B, C, h0, 12) is None
+            assert not native.usable(x, delta, A, B, C, h0, 12)
             y, _ = ChunkedScan.apply(x, delta, A, B, C, h0, 12)
         assert "could not build" in caplog.text
         y_ref, _ = sequential_scan(x, delta, A, B, C, chunk_size=12, return_final_states=True)
@@ -109,13 +115,12 @@ def test_without_a_working_compiler_the_torch_code_runs(
 def test_a_forked_child_runs_it_on_threads_of_its_own() -> None:
     """The parent's worker threads do not survive a fork; the child must not wait on them."""
     x, delta, A, B, C, h0 = inputs(4, 64, 4, 8, 1, 8, False)
-    expected = native.forward(x, delta, A, B, C, h0, 16)  # starts the parent's pool
-    assert expected is not None
+    expected = scan(x, delta, A, B, C, h0, 16)  # starts the parent's pool
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover — the child reports through the pipe
-        out = native.forward(x, delta, A, B, C, h0, 16)
-        os.write(write, b"1" if out is not None and torch.equal(out[0], expected[0]) else b"0")
+        out = scan(x, delta, A, B, C, h0, 16)
+        os.write(write, b"1" if torch.equal(out[0], expected[0]) else b"0")
         os._exit(0)
     os.close(write)
     _, status = os.waitpid(child, 0)

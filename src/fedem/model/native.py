@@ -9,8 +9,8 @@ Building. The first call compiles `ssd_forward.c` with the C compiler Python was
 in the environment overrides it), `-O3 -march=native` and the three sizes as constants, into
 `$XDG_CACHE_HOME/fedem/native/` (default `~/.cache`) under a name hashing the source, the flags and
 this CPU, written atomically; later calls and processes load it (~1 s to compile). Where there is no
-compiler, or it fails, or `FEDEM_NATIVE=0`, `forward` returns None — after one warning — and the
-torch code runs: the results agree to float32 rounding (tests/model/test_native.py).
+compiler, or it fails (one warning), or `FEDEM_NATIVE=0`, `usable` says no and the torch code runs:
+the results agree to float32 rounding (tests/model/test_native.py).
 
 Threads. ctypes releases the GIL, so the batch's rows (or, for one row, its heads) are split over
 `torch.get_num_threads()` Python threads, each running the loop on its own share.
@@ -42,7 +42,7 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fPIC", "-shared"
 MAX_CHUNK = 128
 
 
-def enabled() -> bool:
+def _enabled() -> bool:
     return os.environ.get("FEDEM_NATIVE", "1") != "0"
 
 
@@ -123,70 +123,56 @@ def _pool(threads: int, process: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fedem-ssd")
 
 
-def _pointer(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def forward(
-    x: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    initial: Tensor | None,
-    chunk_size: int,
-    keep_states: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor] | None:
-    """y (b, l, h, p), the states entering each chunk (b, c, h, p, n; None unless `keep_states`, which
-    a backward needs) and the final state (b, h, p, n) of the scan — `fedem.model.ssd`'s shapes and
-    glossary — or None where the C loop does not apply (another dtype or device, sizes it was not
-    written for, `FEDEM_NATIVE=0`, no compiler)."""
-    batch, length, heads, head_dim = x.shape
-    groups, state_size = B.shape[2], B.shape[3]
+def usable(
+    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, initial: Tensor | None, chunk_size: int
+) -> bool:
+    """Whether `forward` runs these inputs (`fedem.model.ssd`'s shapes, before chunking): float32 on a
+    CPU, sizes the loop was written for, `FEDEM_NATIVE` not 0, and the loop builds here."""
+    head_dim, state_size = x.shape[-1], B.shape[-1]
     tensors = (x, delta, A, B, C) + (() if initial is None else (initial,))
-    if not (
-        enabled()
+    return (
+        _enabled()
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and head_dim % 4 == 0
         and state_size % 4 == 0
         and chunk_size % 4 == 0
         and chunk_size <= MAX_CHUNK
-    ):
-        return None
-    library = _library(head_dim, state_size, chunk_size)
-    if library is None:
-        return None
-    padded = -(-length // chunk_size) * chunk_size
-    pad = padded - length
-
-    def ready(t: Tensor) -> Tensor:  # contiguous and zero-padded along the length: exact (Δ = 0)
-        t = t.contiguous()
-        return t if not pad else torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
-
-    x_, delta_, B_, C_ = ready(x), ready(delta), ready(B), ready(C)
-    A_ = A.contiguous()
-    initial_ = None if initial is None else initial.contiguous()
-    y = x.new_empty((batch, padded, heads, head_dim))
-    states_in = (
-        x.new_empty((batch, padded // chunk_size, heads, head_dim, state_size)) if keep_states else None
+        and builds(head_dim, state_size, chunk_size)
     )
+
+
+def forward(
+    x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, initial: Tensor | None, keep_states: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The scan of inputs that are `usable`, in `fedem.model.ssd`'s chunked layout (`to_chunks`, which
+    pads the length to whole chunks): x (b, c, Q, h, p), Δ (b, c, Q, h), A (h,), B and C
+    (b, c, Q, g, n), initial (b, h, p, n) or None. Returns y (b, c, Q, h, p), the states entering each
+    chunk (b, c, h, p, n; None unless `keep_states`, which a backward needs) and the final state
+    (b, h, p, n)."""
+    batch, chunks, chunk_size, heads, head_dim = x.shape
+    groups, state_size = B.shape[-2:]
+    library = _library(head_dim, state_size, chunk_size)
+    assert library is not None, "call `usable` first"
+    inputs = [t.contiguous() for t in (x, delta, A, B, C)]
+    y = torch.empty_like(inputs[0])
+    states_in = x.new_empty((batch, chunks, heads, head_dim, state_size)) if keep_states else None
     final = x.new_empty((batch, heads, head_dim, state_size))
-    pointers = [_pointer(t) for t in (x_, delta_, A_, B_, C_, initial_, y, states_in, final)]
+    buffers = (*inputs, None if initial is None else initial.contiguous(), y, states_in, final)
+    pointers = [None if t is None else t.data_ptr() for t in buffers]
 
     def run(rows: tuple[int, int], head_range: tuple[int, int]) -> None:
-        if library.ssd_forward(padded, heads, groups, *pointers, *rows, *head_range):
+        if library.ssd_forward(chunks * chunk_size, heads, groups, *pointers, *rows, *head_range):
             raise MemoryError("the SSD scan's C loop could not allocate its states")
 
+    # The batch's rows over the threads, or for a batch shorter than that, its heads.
     threads = max(1, torch.get_num_threads())
-    if batch >= threads or heads < 2:  # rows over threads
-        bounds = [(batch * i // threads, batch * (i + 1) // threads) for i in range(threads)]
-        shares = [(rows, (0, heads)) for rows in bounds if rows[1] > rows[0]]
-    else:  # one short batch: heads over threads
-        bounds = [(heads * i // threads, heads * (i + 1) // threads) for i in range(threads)]
-        shares = [((0, batch), head_range) for head_range in bounds if head_range[1] > head_range[0]]
+    by_rows = batch >= threads or heads < 2
+    total = batch if by_rows else heads
+    parts = [(total * i // threads, total * (i + 1) // threads) for i in range(threads)]
+    shares = [((lo, hi), (0, heads)) if by_rows else ((0, batch), (lo, hi)) for lo, hi in parts if hi > lo]
     if len(shares) == 1:
         run(*shares[0])
     else:
         for future in [_pool(threads, os.getpid()).submit(run, *share) for share in shares]:
             future.result()
-    return y[:, :length], states_in, final
+    return y, states_in, final

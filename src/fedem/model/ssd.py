@@ -227,9 +227,11 @@ class ChunkedScan(torch.autograd.Function):
         initial: Tensor | None,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor]:
-        compiled = native.forward(x, delta, A, B, C, initial, chunk_size, any(ctx.needs_input_grad))
-        if compiled is not None:
-            y, states_in, final = compiled
+        if native.usable(x, delta, A, B, C, initial, chunk_size):
+            x_c, delta_c, B_c, C_c = (to_chunks(t, chunk_size) for t in (x, delta, B, C))
+            keep = any(ctx.needs_input_grad)  # the chunk states, for a backward
+            y_c, states_in, final = native.forward(x_c, delta_c, A, B_c, C_c, initial, keep)
+            y = from_chunks(y_c, x.shape[1])
         else:
             chunks = Chunks(x, delta, A, B, C, chunk_size)
             states_in, final = chunks.states_entering(initial)
