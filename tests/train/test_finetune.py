@@ -14,9 +14,10 @@ from fedem.config import validate
 from fedem.data.packing import IGNORE_INDEX
 from fedem.errors import UserError
 from fedem.model.load import load_tokenizer
+from fedem.model.lora import LoraLinear
 from fedem.provenance import weights_fingerprint
 from fedem.train.config import FinetuneConfig
-from fedem.train.finetune import finetune, translation_rows
+from fedem.train.finetune import adapter_model, finetune, translation_rows
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +87,13 @@ def test_adapter_is_saved_alone_and_loads_with_plain_peft(
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+
+
+def test_adapters_train_through_fedems_lora_layer(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:
+    model = adapter_model(_config(tiny_model_dir, pairs, tmp_path))
+
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert layers and all(type(m) is LoraLinear for m in layers)
 
 
 def test_init_continues_and_changes_the_adapter(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:

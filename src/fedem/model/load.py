@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import fedem.model.scan  # noqa: F401 — importing it installs fedem's default (fast) scan process-wide
 from fedem.errors import UserError
+from fedem.model.lora import with_fused_layers
 from fedem.provenance import read_provenance, weights_fingerprint
 
 GGUF_SUFFIX = ".gguf"
@@ -164,7 +165,10 @@ def load_adapter(
     if check_base:
         check_adapter_base(adapter_dir, base_dir)
     try:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+        if isinstance(config, LoraConfig):
+            config = with_fused_layers(config)
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable, config=config)
     except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:
         raise UserError(f"cannot load adapter {adapter_dir}: {_first_line(err)}") from None
 

@@ -31,6 +31,7 @@ from fedem.data.prompts import translation_examples
 from fedem.errors import UserError
 from fedem.evaluate import batch_nll
 from fedem.model.load import load_adapter, load_model, load_tokenizer
+from fedem.model.lora import with_fused_layers
 from fedem.provenance import read_provenance, weights_fingerprint, write_provenance
 from fedem.train.config import FinetuneConfig
 from fedem.train.plot import plot_metrics
@@ -144,7 +145,7 @@ def adapter_model(cfg: FinetuneConfig) -> PeftModel:
             target_modules=list(cfg.lora.target_modules),
             task_type="CAUSAL_LM",
         )
-        model = get_peft_model(base, lora)
+        model = get_peft_model(base, with_fused_layers(lora))
     return model
 
 
