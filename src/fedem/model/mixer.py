@@ -352,7 +352,11 @@ class MixerCore(torch.autograd.Function):
         dt_limit: tuple[float, float],
         tile_tokens: int = TILE_TOKENS,
     ) -> Tensor:
-        w = _Weights(conv_weight, conv_bias, dt_bias, A, D, norm_weight)
+        # The convolution reads one tap's weights for all channels at a time (`weight[:, j]`): stored
+        # tap-major, that is a contiguous row, where the compiled loops otherwise gathered it with
+        # 16 scalar loads per vector.
+        tap_major = conv_weight.t().contiguous().t()
+        w = _Weights(tap_major, conv_bias, dt_bias, A, D, norm_weight)
         cfg = _Settings(eps, chunk_size, groups, dt_limit)
         batch, length = zxbcdt.shape[:2]
         heads, inner = A.shape[0], norm_weight.shape[0]
