@@ -123,15 +123,10 @@ class Chunks:
         x_bar_out = self.x_bar * self.decay_out
         local = _rows(x_bar_out).transpose(-1, -2) @ self.B_mats  # Σ_u x̄_u ⊗ B_u: (b·c, g, r·p, n)
         local = _from_state_mats(local, self.batch, self.x.shape[3])  # (b, c, h, p, n)
-        entering = torch.empty_like(local)
-        if initial is None:
-            entering[:, 0] = 0
-        else:
-            entering[:, 0] = initial
-        for k in range(local.shape[1] - 1):
-            entering[:, k + 1] = torch.addcmul(local[:, k], self.chunk_decay[:, k], entering[:, k])
-        final = torch.addcmul(local[:, -1], self.chunk_decay[:, -1], entering[:, -1])
-        return entering, final
+        states = [local.new_zeros(local[:, 0].shape) if initial is None else initial.to(local.dtype)]
+        for k in range(local.shape[1]):
+            states.append(torch.addcmul(local[:, k], self.chunk_decay[:, k], states[-1]))
+        return torch.stack(states[:-1], dim=1), states[-1]
 
     def output(self, states_in: Tensor) -> Tensor:
         """y (b, c, Q, h, p): the diagonal (within-chunk) plus the off-diagonal (entering state) term."""
@@ -166,14 +161,10 @@ def scan_backward(
     dy_in = dy * chunks.decay_in
     from_outputs = _rows(dy_in).transpose(-1, -2) @ chunks.C_mats  # (b·c, g, r·p, n)
     from_outputs = _from_state_mats(from_outputs, batch, chunks.x.shape[3])  # (b, c, h, p, n)
-    grad_out = torch.empty_like(from_outputs)
-    if grad_final is None:
-        grad_out[:, -1] = 0
-    else:
-        grad_out[:, -1] = grad_final
-    for k in range(from_outputs.shape[1] - 1, 0, -1):
-        grad_out[:, k - 1] = torch.addcmul(from_outputs[:, k], chunks.chunk_decay[:, k], grad_out[:, k])
-    grad_initial = torch.addcmul(from_outputs[:, 0], chunks.chunk_decay[:, 0], grad_out[:, 0])
+    grads = [from_outputs.new_zeros(from_outputs[:, 0].shape) if grad_final is None else grad_final]
+    for k in range(from_outputs.shape[1] - 1, -1, -1):
+        grads.append(torch.addcmul(from_outputs[:, k], chunks.chunk_decay[:, k], grads[-1]))
+    grad_out, grad_initial = torch.stack(grads[-2::-1], dim=1), grads[-1]
     h_in, g_out = _state_mats(states_in, groups), _state_mats(grad_out, groups)  # (b·c, g, r·p, n)
 
     # Diagonal term.
