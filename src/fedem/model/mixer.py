@@ -304,7 +304,12 @@ class _MaybeCompiled:
 
     def __init__(self, fn: Callable[..., Any], enabled: bool = COMPILE) -> None:
         self.eager = fn
-        self.compiled: Callable[..., Any] | None = torch.compile(fn, dynamic=False) if enabled else None
+        # cpp_wrapper: the generated code calls its kernels and allocates its buffers from C++, not
+        # Python (~40 of each a tile); one layer's forward + backward measured 3-4% faster at (8, 512)
+        # and (8, 2048), for the same compile time (~22 s cold for a (1, 512) tile's two directions).
+        self.compiled: Callable[..., Any] | None = (
+            torch.compile(fn, dynamic=False, options={"cpp_wrapper": True}) if enabled else None
+        )
 
     def __call__(self, *args: Any) -> Any:
         if self.compiled is not None:
