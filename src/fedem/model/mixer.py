@@ -188,9 +188,10 @@ class _Settings(NamedTuple):
 
 def _segment_forward(
     window: Tensor, context: int, initial: Tensor | None, w: _Weights, cfg: _Settings
-) -> tuple[Tensor, Tensor, Tensor]:
-    """y, out (see the glossary) and the state leaving, for one segment of some rows from the state
-    entering it. `window` is the segment's zxbcdt and the `context` positions before it."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y, out (see the glossary), the state leaving and the states entering each chunk (which backward
+    reads), for one segment of some rows from the state entering it. `window` is the segment's zxbcdt
+    and the `context` positions before it."""
     heads = w.A.shape[0]
     layer = _Layer(window, context, w.conv_weight, w.conv_bias, w.dt_bias, cfg.dt_limit, heads, cfg.groups)
     x, B, C = layer.x_b_c()
@@ -199,7 +200,7 @@ def _segment_forward(
     scanned = from_chunks(chunks.output(states_in), x.shape[1])  # (b, l, H, P)
     y = torch.addcmul(scanned, w.D.to(x.dtype)[:, None], x).flatten(-2)
     normed, _ = _gated_norm(y, layer.z, cfg.groups, cfg.eps)
-    return y, normed.mul_(w.norm_weight.to(y.dtype)), final
+    return y, normed.mul_(w.norm_weight.to(y.dtype)), final, states_in
 
 
 def _segment_backward(
@@ -207,13 +208,14 @@ def _segment_backward(
     window: Tensor,
     context: int,
     y: Tensor,
-    initial: Tensor | None,
+    states_in: Tensor,
     grad_final: Tensor | None,
     w: _Weights,
     cfg: _Settings,
     need: tuple[bool, ...],
 ) -> tuple[tuple[Tensor, Tensor, Tensor], list[Tensor | None], Tensor]:
-    """Backward through one segment of some rows, given ∂out and ∂(the state leaving it).
+    """Backward through one segment of some rows, given ∂out, ∂(the state leaving it), and its y and
+    states entering each chunk from forward.
 
     Returns ∂z, ∂xBC (for the whole window: its first `context` positions belong to the segment
     before) and ∂dt; the parameters' gradients from this segment (None where not needed); and
@@ -239,7 +241,6 @@ def _segment_backward(
     grad_y_heads = grad_y.unflatten(-1, (heads, -1))  # (b, l, H, P)
     grad_D = (grad_y_heads * x).sum((0, 1, 3)) if need[5] else None
     chunks = Chunks(x, layer.delta, w.A, B, C, cfg.chunk_size)
-    states_in, _ = chunks.states_entering(initial)  # recomputed (2 ms) rather than kept (8 MiB), at (8, 512)
     grad_x, grad_delta, grad_A, grad_B, grad_C, grad_initial = scan_backward(
         chunks, states_in, to_chunks(grad_y_heads, cfg.chunk_size), grad_final
     )
@@ -336,9 +337,9 @@ class MixerCore(torch.autograd.Function):
     Shapes: zxbcdt (b, l, I + K + H), conv_weight (K, k), conv_bias (K,) or None, dt_bias, A, D (H,),
     norm_weight (I,) → (b, l, I). Computes in float32 (float64 for float64 input), in `tiles` of about
     `tile_tokens` tokens; gradients come back in each input's dtype, and only for the inputs that need
-    one (a LoRA run skips the weights'). Saved for backward: zxbcdt and y (padded as `tiles` says) and
-    the states entering each segment after a sequence's first (none unless a sequence is longer than a
-    tile); everything else is recomputed from them.
+    one (a LoRA run skips the weights'). Saved for backward: zxbcdt (padded as `tiles` says) and, per
+    tile and segment, y and the states entering each chunk (b, c, H, P, N: 1/4 of y's size at
+    seshu-small's N = P = 64, Q = 64); everything else is recomputed from them.
     """
 
     @staticmethod
@@ -364,58 +365,56 @@ class MixerCore(torch.autograd.Function):
         w = _Weights(tap_major, conv_bias, dt_bias, A, D, norm_weight)
         cfg = _Settings(eps, chunk_size, groups, dt_limit)
         batch, length = zxbcdt.shape[:2]
-        heads, inner = A.shape[0], norm_weight.shape[0]
-        state_size = (conv_weight.shape[0] - inner) // (2 * groups)
+        inner = norm_weight.shape[0]
         dtype = torch.promote_types(zxbcdt.dtype, torch.float32)
         if not zxbcdt.is_cpu:  # tiles keep a CPU core's working set in its L2 cache; a GPU takes it whole
             tile_tokens = max(tile_tokens, batch * length)
         tiling = tiles(batch, length, chunk_size, tile_tokens)
         padded = _pad(zxbcdt, tiling.batch, tiling.length)
-        y = zxbcdt.new_empty((tiling.batch, tiling.length, inner), dtype=dtype)
-        out = torch.empty_like(y)
-        # The state entering each segment after the first: (b, segments − 1, H, P, N).
-        entering = zxbcdt.new_empty(
-            (tiling.batch, len(tiling.segments) - 1, heads, inner // heads, state_size), dtype=dtype
-        )
+        out = zxbcdt.new_empty((tiling.batch, tiling.length, inner), dtype=dtype)
+        # Per tile and segment, in order: y and the states entering each chunk, kept as the compiled
+        # code returns them (copying them into whole-batch buffers cost more than recomputing the
+        # states, and the states' recomputation was ~4% of backward).
+        kept: list[Tensor] = []
         for start in range(0, tiling.batch, tiling.rows):
             tile = slice(start, start + tiling.rows)
             state: Tensor | None = None  # entering the segment: none before the first
-            for k, segment in enumerate(tiling.segments):
-                if state is not None:
-                    entering[tile, k - 1] = state
+            for segment in tiling.segments:
                 window, context = _window(padded[tile], segment, conv_weight.shape[1])
-                y[tile, segment], out[tile, segment], state = _FORWARD(window, context, state, w, cfg)
-        ctx.save_for_backward(padded, *w, y, entering)
+                y, out[tile, segment], state, chunk_states = _FORWARD(window, context, state, w, cfg)
+                kept += [y, chunk_states]
+        ctx.save_for_backward(padded, *w, *kept)
         ctx.settings = (cfg, tiling)
         return _crop(out, batch, length).to(zxbcdt.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        padded, *weights, y, entering = ctx.saved_tensors
-        w = _Weights(*weights)
+        padded, *saved = ctx.saved_tensors
+        w = _Weights(*saved[: len(_Weights._fields)])
+        kept = saved[len(_Weights._fields) :]
         cfg, tiling = ctx.settings
         need = tuple(ctx.needs_input_grad)
         batch, length = grad_out.shape[:2]
         grad_out = _pad(grad_out, tiling.batch, tiling.length)
         segments = tiling.segments
         inner, conv_dim, heads = w.norm_weight.shape[0], w.conv_weight.shape[0], w.A.shape[0]
-        grad_zxbcdt = torch.empty(padded.shape, dtype=y.dtype, device=y.device)
+        grad_zxbcdt = torch.empty(padded.shape, dtype=kept[0].dtype, device=padded.device)
         grad_z, grad_xbc, grad_dt = grad_zxbcdt.split([inner, conv_dim, heads], dim=-1)
         totals: list[Tensor | None] = [None] * len(w)
-        for start in range(0, tiling.batch, tiling.rows):
+        for n, start in enumerate(range(0, tiling.batch, tiling.rows)):
             tile = slice(start, start + tiling.rows)
             grad_state: Tensor | None = None
             grad_context: Tensor | None = None  # ∂xBC of a segment's last positions, from the next one
             for k in reversed(range(len(segments))):
                 segment = segments[k]
                 window, context = _window(padded[tile], segment, w.conv_weight.shape[1])
-                initial = entering[tile, k - 1] if k else None
+                y, chunk_states = kept[2 * (n * len(segments) + k) : 2 * (n * len(segments) + k) + 2]
                 parts, grads, grad_state = _BACKWARD(
                     grad_out[tile, segment],
                     window,
                     context,
-                    y[tile, segment],
-                    initial,
+                    y,
+                    chunk_states,
                     grad_state,
                     w,
                     cfg,
