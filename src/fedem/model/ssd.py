@@ -123,6 +123,8 @@ class Chunks:
         x_bar_out = self.x_bar * self.decay_out
         local = _rows(x_bar_out).transpose(-1, -2) @ self.B_mats  # Σ_u x̄_u ⊗ B_u: (b·c, g, r·p, n)
         local = _from_state_mats(local, self.batch, self.x.shape[3])  # (b, c, h, p, n)
+        # Out of place, then stacked: written into slices of one buffer, the steps came out of
+        # torch.compile as one expression per chunk that recomputed the whole chain before it.
         states = [local.new_zeros(local[:, 0].shape) if initial is None else initial.to(local.dtype)]
         for k in range(local.shape[1]):
             states.append(torch.addcmul(local[:, k], self.chunk_decay[:, k], states[-1]))
@@ -161,6 +163,7 @@ def scan_backward(
     dy_in = dy * chunks.decay_in
     from_outputs = _rows(dy_in).transpose(-1, -2) @ chunks.C_mats  # (b·c, g, r·p, n)
     from_outputs = _from_state_mats(from_outputs, batch, chunks.x.shape[3])  # (b, c, h, p, n)
+    # Stacked at the end, not written into slices: see `Chunks.states_entering`.
     grads = [from_outputs.new_zeros(from_outputs[:, 0].shape) if grad_final is None else grad_final]
     for k in range(from_outputs.shape[1] - 1, -1, -1):
         grads.append(torch.addcmul(from_outputs[:, k], chunks.chunk_decay[:, k], grads[-1]))
