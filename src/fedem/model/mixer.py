@@ -213,13 +213,13 @@ def _segment_backward(
     w: _Weights,
     cfg: _Settings,
     need: tuple[bool, ...],
-) -> tuple[tuple[Tensor, Tensor, Tensor], list[Tensor | None], Tensor]:
+) -> tuple[tuple[Tensor, Tensor], list[Tensor | None], Tensor]:
     """Backward through one segment of some rows, given ∂out, ∂(the state leaving it), and its y and
     states entering each chunk from forward.
 
-    Returns ∂z, ∂xBC (for the whole window: its first `context` positions belong to the segment
-    before) and ∂dt; the parameters' gradients from this segment (None where not needed); and
-    ∂(the state entering it).
+    Returns the segment's ∂zxbcdt (∂z, ∂xBC, ∂dt side by side: one buffer to copy out) and ∂xBC of
+    the `context` positions before it, which belong to the segment before; the parameters' gradients
+    from this segment (None where not needed); and ∂(the state entering it).
     """
     heads, groups, eps = w.A.shape[0], cfg.groups, cfg.eps
     layer = _Layer(window, context, w.conv_weight, w.conv_bias, w.dt_bias, cfg.dt_limit, heads, groups)
@@ -279,7 +279,8 @@ def _segment_backward(
         grad_D,
         grad_norm_weight,
     ]
-    return (grad_z, grad_xbc, grad_dt), grads, grad_initial
+    grad_segment = torch.cat([grad_z, grad_xbc[:, context:], grad_dt], dim=-1)
+    return (grad_segment, grad_xbc[:, :context]), grads, grad_initial
 
 
 def _window(zxbcdt: Tensor, segment: slice, taps: int) -> tuple[Tensor, int]:
@@ -404,9 +405,9 @@ class MixerCore(torch.autograd.Function):
         batch, length = grad_out.shape[:2]
         grad_out = _pad(grad_out, tiling.batch, tiling.length)
         segments = tiling.segments
-        inner, conv_dim, heads = w.norm_weight.shape[0], w.conv_weight.shape[0], w.A.shape[0]
+        inner, conv_dim = w.norm_weight.shape[0], w.conv_weight.shape[0]
         grad_zxbcdt = torch.empty(padded.shape, dtype=kept[0].dtype, device=padded.device)
-        grad_z, grad_xbc, grad_dt = grad_zxbcdt.split([inner, conv_dim, heads], dim=-1)
+        grad_xbc = grad_zxbcdt[..., inner : inner + conv_dim]
         totals: list[Tensor | None] = [None] * len(w)
         for n, start in enumerate(range(0, tiling.batch, tiling.rows)):
             tile = slice(start, start + tiling.rows)
@@ -427,14 +428,10 @@ class MixerCore(torch.autograd.Function):
                     cfg,
                     need,
                 )
-                grad_z[tile, segment], grad_xbc[tile, segment], grad_dt[tile, segment] = (
-                    parts[0],
-                    parts[1][:, context:],
-                    parts[2],
-                )
+                grad_zxbcdt[tile, segment] = parts[0]
                 if grad_context is not None:
                     grad_xbc[tile, segment.stop - grad_context.shape[1] : segment.stop] += grad_context
-                grad_context = parts[1][:, :context]
+                grad_context = parts[1]
                 totals = [
                     t if g is None else g if t is None else t.add_(g)
                     for t, g in zip(totals, grads, strict=True)
