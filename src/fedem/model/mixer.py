@@ -9,9 +9,9 @@ depthwise kernel) and activation storage than on arithmetic (docs/design.md, "Th
 
 `split_conv1d_scan_combined` takes that offer on the CPU. `MixerCore` computes the same layer in the
 input's own (batch, length, channels) layout — the convolution as k shifted multiply-adds, so there is
-no transpose — and saves only its input and the scan's output; backward recomputes the convolution,
-the activations, the chunk-boundary states and differentiates each step by hand, the scan through
-`fedem.model.ssd`. The output projection stays an ordinary `F.linear` after it, so its weight's
+no transpose — and saves its input, the scan's output and the states entering each chunk; backward
+recomputes the convolution and the activations and differentiates each step by hand, the scan
+through `fedem.model.ssd`. The output projection stays an ordinary `F.linear` after it, so its weight's
 gradient, and a LoRA anywhere, go through autograd as before.
 
 Glossary (shapes; b batch, l length, as in `fedem.model.scan`):
