@@ -109,6 +109,17 @@ class Hub:
     def temp_files(self) -> list[Path]:
         return sorted((self.blobs / "tmp").iterdir())
 
+    def temp_sizes(self) -> list[int]:
+        """Bytes written so far to each upload in progress; one that finishes (is renamed) between
+        listing and stat is left out."""
+        sizes = []
+        for path in self.temp_files():
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                continue
+        return sizes
+
 
 def fresh_server_database(server_url: str) -> str:
     """A new, empty database on the server at `server_url`; returns its URL."""

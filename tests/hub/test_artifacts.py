@@ -324,7 +324,7 @@ def test_sigkill_mid_upload_leaves_no_partial_artifact_and_a_restart_keeps_every
     uploader.start()
     assert sent.wait(30)
     deadline = time.monotonic() + 10
-    while not any(p.stat().st_size for p in hub.temp_files()) and time.monotonic() < deadline:
+    while not any(hub.temp_sizes()) and time.monotonic() < deadline:
         time.sleep(0.05)
     partial = hub.temp_files()
     hub.kill()
