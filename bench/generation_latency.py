@@ -18,7 +18,6 @@ prompts ≥ 2048. Results: `<out>/generation_latency.{json,md}`.
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from transformers.utils import logging
 from fedem.config import load_yaml
 from fedem.model.baseline import build_matched_llama
 from fedem.model.seshu import SeshuSize, build_model, count_parameters
-from machine import machine_info, machine_line
+from machine import machine_info, machine_line, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = SeshuSize(**load_yaml(REPO / "configs" / "seshu-small.yaml")["model"])
@@ -170,9 +169,7 @@ def main() -> int:
         "rows": rows,
         "targets": targets(rows),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generation_latency.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / "generation_latency.md").write_text(markdown(report), encoding="utf-8")
+    write_report(args.out, "generation_latency", report, markdown(report))
     print(markdown(report))
     return 0
 

@@ -29,7 +29,7 @@ from typing import Any, cast
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fedem.config import load_yaml  # noqa: E402
-from machine import machine_info, machine_line  # noqa: E402
+from machine import machine_info, machine_line, write_report  # noqa: E402
 from train_throughput import LLAMA, REPO, SMALL  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -262,9 +262,7 @@ def main() -> None:
         results["generate"][f"small, {path}"] = child(job)
         print(path, results["generate"][f"small, {path}"], flush=True)
     info = machine_info(("peft", "mamba_ssm", "causal_conv1d", "triton"), gpu=torch.cuda.get_device_name())
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.json").write_text(json.dumps({"machine": info, **results}, indent=2) + "\n")
-    (args.out / "gpu.md").write_text(report(results, info))
+    write_report(args.out, "gpu", {"machine": info, **results}, report(results, info))
     print((args.out / "gpu.md").read_text())
 
 

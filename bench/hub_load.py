@@ -55,7 +55,7 @@ from fedem.hub.integrity import (
 from fedem.hub.models import Repo, Revision
 from fedem.hub.store import ArtifactStore
 from hub_throughput import HUB_PACKAGES, REPO, Server, _cpu_seconds, _filesystem
-from machine import machine_info
+from machine import machine_info, write_report
 
 BASE = "load/base"
 WEIGHTS = "adapter_model.safetensors"
@@ -301,9 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "invariants": checked,
         "command": "python bench/hub_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / f"{args.name}.md").write_text(markdown(report), encoding="utf-8")
+    write_report(args.out, args.name, report, markdown(report))
     print(markdown(report))
     if load.errors or not checked["ok"]:
         sys.exit(1)

@@ -42,7 +42,7 @@ from typing import Any
 from child_server import ChildServer, free_port
 from fedem.client import HubAPIError, HubClient
 from fedem.client.hub_client import sha256_file
-from machine import machine_info
+from machine import machine_info, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_PACKAGES = ("fastapi", "uvicorn", "starlette", "httpx", "sqlalchemy")
@@ -398,9 +398,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "goals": goals,
         "command": "python bench/hub_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "hub_throughput.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / "hub_throughput.md").write_text(markdown(report), encoding="utf-8")
+    write_report(args.out, "hub_throughput", report, markdown(report))
     print(markdown(report))
     return report
 

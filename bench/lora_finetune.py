@@ -13,7 +13,6 @@ Results: `<out>/lora_finetune.{json,md}`.
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from fedem.model.lora import with_fused_layers
 from fedem.model.seshu import LORA_TARGETS, build_model, count_parameters
 from fedem.train.allocator import keep_freed_memory
 from generation_latency import SMALL, TINY, VOCAB, Vocab
-from machine import machine_info, machine_line
+from machine import machine_info, machine_line, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 RANK = 8
@@ -132,9 +131,7 @@ def main() -> int:
             },
         ],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora_finetune.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / "lora_finetune.md").write_text(markdown(report), encoding="utf-8")
+    write_report(args.out, "lora_finetune", report, markdown(report))
     print(markdown(report))
     return 0
 

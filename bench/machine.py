@@ -6,6 +6,7 @@ its parent's peak RSS (Linux keeps it across exec), which would blur the childre
 """
 
 import datetime
+import json
 import os
 import platform
 from importlib.metadata import PackageNotFoundError, version
@@ -73,3 +74,10 @@ def machine_line(info: dict[str, Any]) -> str:
         f"{', ' + versions if versions else ''}; {info['date']}; load average at start "
         f"{info['load_average_start']}."
     )
+
+
+def write_report(folder: Path, name: str, report: dict[str, Any], text: str) -> None:
+    """`<folder>/<name>.json` (the report) and `<folder>/<name>.md` (its Markdown `text`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / f"{name}.md").write_text(text, encoding="utf-8")

@@ -11,7 +11,6 @@ Results: `<out>/scoring_forward.{json,md}`.
 """
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from fedem.model import native
 from fedem.model.seshu import SeshuSize, build_model
 from fedem.model.ssd import ChunkedScan
 from generation_latency import SMALL, TINY, VOCAB, Vocab
-from machine import machine_info, machine_line
+from machine import machine_info, machine_line, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 PATHS = {"C loop": "1", "torch": "0"}  # FEDEM_NATIVE
@@ -93,9 +92,7 @@ def main() -> int:
         "built": native.builds(size.head_dim, size.state_size, size.chunk_size),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scoring_forward.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / "scoring_forward.md").write_text(markdown(report), encoding="utf-8")
+    write_report(args.out, "scoring_forward", report, markdown(report))
     print(markdown(report))
     return 0
 

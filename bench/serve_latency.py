@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from child_server import ChildServer, free_port
-from machine import machine_info
+from machine import machine_info, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "runs" / "demo" / "seshu-small"
@@ -220,9 +220,7 @@ def main() -> int:
         "levels": levels,
         "command": "python bench/serve_latency.py" + (" --quick" if args.quick else ""),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_latency.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / "serve_latency.md").write_text(markdown(report), encoding="utf-8")
+    write_report(args.out, "serve_latency", report, markdown(report))
     print(markdown(report))
     return 0
 

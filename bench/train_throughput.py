@@ -24,7 +24,6 @@ chunked scan is timed again at that batch, so that every ratio compares like wit
 """
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import resource
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from fedem.config import load_yaml
-from machine import machine_info, memory_available
+from machine import machine_info, memory_available, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL: dict[str, Any] = load_yaml(REPO / "configs" / "seshu-small.yaml")["model"]
@@ -471,9 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summarise(results, sorted(args.lengths)),
         "notes": notes,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_throughput.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / "train_throughput.md").write_text(markdown(report), encoding="utf-8")
+    write_report(args.out, "train_throughput", report, markdown(report))
     for row in report["summary"]:
         if row["speedup"]:
             memory = f", peak memory ×{row['memory_ratio']:.2f}" if row["memory_ratio"] else ""

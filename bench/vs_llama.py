@@ -19,7 +19,6 @@ hold better.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned children find it through sys.path too
 
 import train_throughput as harness  # noqa: E402 — the per-process measuring harness, shared
-from machine import machine_info, memory_available  # noqa: E402
+from machine import machine_info, memory_available, write_report  # noqa: E402
 
 PATHS = ("llama", "chunked", "ssd-eager", "ssd")
 MAMBA1_LENGTHS = (512,)  # Mamba-1's use_mambapy: ~200 s and ~11 GB a step at 512, 4× the memory at 2048
@@ -246,9 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "summary": summarise(results, sorted(args.lengths)),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "vs_llama.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    (args.out / "vs_llama.md").write_text(markdown(report), encoding="utf-8")
+    write_report(args.out, "vs_llama", report, markdown(report))
     print(f"wrote {args.out / 'vs_llama.json'} and .md")
     return report
 
