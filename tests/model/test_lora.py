@@ -44,16 +44,20 @@ def _pair(bias: bool, dropout: float, dtype: torch.dtype) -> tuple[torch.nn.Modu
     return stock, ours
 
 
-def _run(model: torch.nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> list[torch.Tensor]:
-    """Output, ∂x and every trainable parameter's gradient, with dropout's mask drawn from seed 1."""
-    x = x.detach().clone().requires_grad_()
+def _run(
+    model: torch.nn.Module, x: torch.Tensor, grad_y: torch.Tensor, train_x: bool = True
+) -> list[torch.Tensor]:
+    """Output, ∂x (if `train_x`) and every trainable parameter's gradient, with dropout's mask drawn
+    from seed 1. An x that needs no gradient is the first layer's input under a frozen embedding."""
+    x = x.detach().clone().requires_grad_(train_x)
     torch.manual_seed(1)
     y = model(x)
     y.backward(grad_y)
-    assert x.grad is not None
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
-    return [y.detach(), x.grad, *(g for g in grads if g is not None)]
+    grad_x = [x.grad] if train_x else []
+    assert all(g is not None for g in grad_x)
+    return [y.detach(), *(g for g in grad_x + grads if g is not None)]
 
 
 @contextmanager
@@ -77,8 +81,9 @@ def _counting() -> Iterator[list[int]]:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("train_base", [False, True])
+@pytest.mark.parametrize("train_x", [True, False])
 def test_fused_layer_matches_peft(
-    dtype: torch.dtype, tolerance: float, bias: bool, dropout: float, train_base: bool
+    dtype: torch.dtype, tolerance: float, bias: bool, dropout: float, train_base: bool, train_x: bool
 ) -> None:
     stock, ours = _pair(bias, dropout, dtype)
     for model in (stock, ours):
@@ -89,11 +94,11 @@ def test_fused_layer_matches_peft(
     grad_y = torch.randn(3, 7, 40, dtype=dtype)
 
     with _counting() as calls:
-        got = _run(ours, x, grad_y)
-    expected = _run(stock, x, grad_y)
+        got = _run(ours, x, grad_y, train_x)
+    expected = _run(stock, x, grad_y, train_x)
 
     assert calls[0] == 1
-    assert len(got) == len(expected) == 4 + (1 + bias if train_base else 0)
+    assert len(got) == len(expected) == 3 + train_x + (1 + bias if train_base else 0)
     for actual, reference in zip(got, expected, strict=True):
         assert actual.shape == reference.shape
         assert rel_err(actual, reference) <= tolerance

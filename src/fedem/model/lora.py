@@ -10,9 +10,12 @@ the adapter into the base matmul instead:
     backward    [∂x | t] = ∂y · [W | B]                   one pass over ∂y for both
                 ∂dropout(x) = s · t · A,   ∂A = s · tᵀ · dropout(x),   ∂B = s · ∂yᵀ · h
 
-with T positions, W (out, in), A (r, in), B (out, r), s = alpha / r. Measured on in_proj of
-seshu-small at batch 8, L=512, base frozen (2 cores): forward + backward 37.6 → 27.1 ms, against
-21.9 ms for the frozen Linear alone (docs/design.md, "LoRA targets").
+with T positions, W (out, in), A (r, in), B (out, r), s = alpha / r. Where x needs no gradient (the
+first layer's input under a frozen embedding), backward computes t = ∂y·B alone. Measured on in_proj
+of seshu-small at batch 8, L=512, base frozen (2 cores, docs/design.md, "LoRA targets"): forward +
+backward 37.6 → 27.1 ms on an Intel Xeon, against 21.9 ms for the frozen Linear alone; on an AMD EPYC
+(AVX2), 101 ms through peft's layer and 61 ms through this one, the frozen Linear's 60 (∂B's product
+in the layout below and whole BLAS tiles in forward took 25 ms off).
 
 `LoraLinear` is peft's `lora.Linear` with that forward; everything else — adapter names, merging,
 saving (the same `lora_A`/`lora_B` tensors, the same adapter_config.json), variants, dtype casting —
@@ -25,10 +28,16 @@ is not saved, so a saved adapter loads with plain peft.
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 Tensor = torch.Tensor
+
+# The forward's product gets zero rows appended to a multiple of this: BLAS computes the output in
+# column tiles, and in_proj's 1,418 columns left a ragged last one that MKL ran slowly on an AMD EPYC
+# (AVX2): (4096, 328)·(328, 1418) took 41.7 ms, and 24.4 ms with 6 zero rows (1,424 columns).
+TILE_ROWS = 16
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -52,14 +61,22 @@ class LowRankLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])  # (T, in)
         rows_a = rows if x_a is None else x_a.reshape(-1, x.shape[-1])
         h = rows_a @ lora_A.t()  # (T, r)
-        joined = torch.cat([weight, lora_B * scaling], dim=1)  # (out, in + r)
+        out, width = weight.shape
+        wide = -(-out // TILE_ROWS) * TILE_ROWS
+        joined = weight.new_zeros(wide, width + lora_A.shape[0])  # [W | s·B] and zero rows: (wide, in + r)
+        joined[:out, :width] = weight
+        torch.mul(lora_B, scaling, out=joined[:out, width:])
         inputs = torch.cat([rows, h], dim=1)  # (T, in + r)
-        y = inputs @ joined.t() if bias is None else torch.addmm(bias, inputs, joined.t())
+        if bias is None:
+            y = inputs @ joined.t()
+        else:
+            y = torch.addmm(F.pad(bias, (0, wide - out)), inputs, joined.t())
+        y = y[:, :out].contiguous()  # as a Linear's: the mixer's compiled code is specialised to it
         ctx.save_for_backward(rows, weight, lora_A, lora_B, h, None if x_a is None else rows_a)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], -1)
+        return y.view(*x.shape[:-1], out)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
@@ -67,8 +84,11 @@ class LowRankLinear(torch.autograd.Function):
         need_x, need_weight, need_bias, need_A, need_B, _, need_x_a = ctx.needs_input_grad
         s, width = ctx.scaling, weight.shape[1]
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
-        both = g @ torch.cat([weight, lora_B], dim=1)  # [∂x from the base | t]: (T, in + r)
-        t = both[:, width:]
+        if need_x:
+            both = g @ torch.cat([weight, lora_B], dim=1)  # [∂x from the base | t]: (T, in + r)
+            t = both[:, width:]
+        else:  # the first layer under a frozen embedding: only the adapter's t, not the base's ∂x
+            t = (lora_B.t() @ g.t()).t()
         grad_x = grad_x_a = None
         if rows_a is None:  # no dropout: the adapter's share of ∂x joins the base's
             if need_x:
@@ -81,7 +101,9 @@ class LowRankLinear(torch.autograd.Function):
             g.t() @ rows if need_weight else None,
             g.sum(0) if need_bias and ctx.has_bias else None,
             (t.t() @ (rows if rows_a is None else rows_a)).mul_(s) if need_A else None,
-            (g.t() @ h).mul_(s) if need_B else None,
+            # ∂Bᵀ = hᵀ·∂y, transposed back: MKL's (out, T)·(T, r) product, with the transposed ∂y,
+            # ran at ~4 GFLOP/s on an AMD EPYC (30 ms at in_proj's (4096, 1418); this one 4 ms).
+            (h.t() @ g).mul_(s).t() if need_B else None,
             None,
             None if grad_x_a is None else grad_x_a.view(ctx.x_shape),
         )
