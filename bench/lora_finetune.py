@@ -1,11 +1,12 @@
 """LoRA against full fine-tuning of seshu-small: trainable share, training speed, and what a donor uploads.
 
 In one process, on the same random batches: full fine-tuning (every weight trained, AdamW state for
-all of them) and LoRA with fedem's recipe (`fedem.train.finetune`'s targets, `LORA_TARGETS`: rank 8 on
-`in_proj`), each timed over the same number of steps after a warm-up (forward, backward, clipping,
-AdamW). Then both are saved the way fedem saves them — `save_pretrained` of the model (what a full
-update would have to ship) and of the peft adapter (what `fedem client run` pushes) — and the file
-sizes compared. Targets (issue 5): trainable ≤ 2%, LoRA tokens/s ≥ 1.3× full fine-tuning.
+all of them), LoRA with fedem's recipe (`fedem.train.finetune`'s targets, `LORA_TARGETS`: rank 8 on
+`in_proj`), and LoRA through peft's own layer, taking turns step by step after a warm-up (forward,
+backward, clipping, AdamW); each one's median step time gives its tokens/s. Then both are saved the
+way fedem saves them — `save_pretrained` of the model (what a full update would have to ship) and of
+the peft adapter (what `fedem client run` pushes) — and the file sizes compared. Targets (issue 5):
+trainable ≤ 2%, LoRA tokens/s ≥ 1.3× full fine-tuning.
 Results: `<out>/lora_finetune.{json,md}`.
 
     python bench/lora_finetune.py                        # seshu-small, L=512, batch 8 → bench/results/
@@ -13,9 +14,11 @@ Results: `<out>/lora_finetune.{json,md}`.
 """
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +37,38 @@ REPO = Path(__file__).resolve().parents[1]
 RANK = 8
 
 
-def tokens_per_second(model: torch.nn.Module, batches: list[torch.Tensor], warmup: int) -> float:
+def training_step(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
+    """One step of `model` on a batch as fedem's Trainer takes it: loss, backward, clipping, AdamW."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
     model.train()
 
     def step(ids: torch.Tensor) -> None:
-        causal_lm_loss(model, {"input_ids": ids, "labels": ids}).backward()  # as fedem's Trainer
+        causal_lm_loss(model, {"input_ids": ids, "labels": ids}).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for ids in batches[:warmup]:
-        step(ids)
-    start = time.perf_counter()
-    for ids in batches[warmup:]:
-        step(ids)
-    seconds = time.perf_counter() - start
-    return sum(ids.numel() for ids in batches[warmup:]) / seconds
+    return step
+
+
+def tokens_per_second(
+    steps: dict[str, Callable[[torch.Tensor], None]], batches: list[torch.Tensor], warmup: int
+) -> dict[str, float]:
+    """Each step function's tokens/s over the same batches, taking turns batch by batch.
+
+    Turns, not one run after the other: this VM's speed drifts by ±10-30% over minutes (neighbours on
+    the host), which in consecutive runs lands on one side of the ratio. Each step's time is kept and
+    the median taken, so that a burst of slowness in one step does not count either.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for n, ids in enumerate(batches):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(ids)
+            if n >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: batches[0].numel() / statistics.median(seconds) for name, seconds in times.items()}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -64,7 +81,7 @@ def main() -> int:
     )
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny model, length 64: a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -78,28 +95,28 @@ def main() -> int:
         for _ in range(args.warmup + args.steps)
     ]
 
-    torch.manual_seed(0)
-    full = build_model(size, Vocab(VOCAB))  # type: ignore[arg-type]
-    total = count_parameters(full)
-    full_speed = tokens_per_second(full, batches, args.warmup)
-    with tempfile.TemporaryDirectory() as tmp:
-        full.save_pretrained(Path(tmp) / "full")
-        full_bytes = folder_bytes(Path(tmp) / "full")
-    del full
-
     def adapter(fused: bool) -> torch.nn.Module:
         torch.manual_seed(0)
         config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
         model = build_model(size, Vocab(VOCAB))  # type: ignore[arg-type]
         return get_peft_model(model, with_fused_layers(config) if fused else config)
 
-    stock_speed = tokens_per_second(adapter(fused=False), batches, args.warmup)  # peft's own layer
-    lora = adapter(fused=True)
+    torch.manual_seed(0)
+    full = build_model(size, Vocab(VOCAB))  # type: ignore[arg-type]
+    lora, stock = adapter(fused=True), adapter(fused=False)  # stock: LoRA through peft's own layer
+    speed = tokens_per_second(
+        {"full": training_step(full), "lora": training_step(lora), "lora_peft_layer": training_step(stock)},
+        batches,
+        args.warmup,
+    )
+    total = count_parameters(full)
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    lora_speed = tokens_per_second(lora, batches, args.warmup)
     with tempfile.TemporaryDirectory() as tmp:
+        full.save_pretrained(Path(tmp) / "full")
         lora.save_pretrained(str(Path(tmp) / "adapter"))
+        full_bytes = folder_bytes(Path(tmp) / "full")
         adapter_bytes = folder_bytes(Path(tmp) / "adapter")
+    full_speed, lora_speed = speed["full"], speed["lora"]
 
     share = trainable / total
     speedup = lora_speed / full_speed
@@ -113,11 +130,7 @@ def main() -> int:
         "parameters": total,
         "trainable": trainable,
         "trainable_share": round(share, 5),
-        "tokens_per_s": {
-            "full": round(full_speed, 1),
-            "lora": round(lora_speed, 1),
-            "lora_peft_layer": round(stock_speed, 1),
-        },
+        "tokens_per_s": {name: round(value, 1) for name, value in speed.items()},
         "speedup": round(speedup, 3),
         "bytes": {"full_checkpoint": full_bytes, "adapter": adapter_bytes},
         "targets": [
@@ -150,7 +163,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         machine_line(report["machine"]),
         "",
-        f"Length {report['length']}, batch {report['batch']}, {report['steps']} timed steps each, float32. "
+        f"Length {report['length']}, batch {report['batch']}, the median of {report['steps']} timed steps "
+        "each, the three runs taking turns step by step, float32. "
         f"LoRA rank {report['lora']['rank']} on {', '.join(report['lora']['targets'])}.",
         "",
         "| | full fine-tuning | LoRA | LoRA / full |",
