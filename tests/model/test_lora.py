@@ -132,6 +132,9 @@ def test_seshu_adapter_is_a_plain_peft_adapter(tmp_path: Path) -> None:
     assert len(layers) == TINY.num_hidden_layers and all(type(m) is LoraLinear for m in layers)
     model.save_pretrained(adapter_dir)
     ids = torch.randint(3, 97, (2, 20))
+    with _counting() as calls:  # fused over the tiled in_proj (`fedem.model.projection`) too
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert calls[0] == TINY.num_hidden_layers
     model.eval()
     with torch.no_grad():
         expected = model(input_ids=ids).logits

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 import fedem.model.scan  # noqa: F401 — importing it installs fedem's default (fast) scan process-wide
 from fedem.errors import UserError
 from fedem.model.lora import with_fused_layers
+from fedem.model.projection import tile_projections
 from fedem.provenance import read_provenance, weights_fingerprint
 
 GGUF_SUFFIX = ".gguf"
@@ -47,6 +48,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> PreTraine
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise UserError(f"cannot load checkpoint {model_dir}: {_first_line(err)}") from None
+    tile_projections(model)
     return model
 
 
@@ -106,6 +108,7 @@ def load_pretrained(source: ModelSource) -> tuple[PreTrainedModel, PreTrainedTok
             model = load_model(Path(source.location))
         else:
             model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch.float32, **options)
+            tile_projections(model)
     except (OSError, ValueError, RuntimeError, ImportError) as err:
         raise UserError(f"cannot load {source}: {_first_line(err)}") from None
     if tokenizer.pad_token_id is None:

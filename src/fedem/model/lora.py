@@ -32,19 +32,19 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-Tensor = torch.Tensor
+from fedem.model.projection import TiledLinear, whole_tiles
 
-# The forward's product gets zero rows appended to a multiple of this: BLAS computes the output in
-# column tiles, and in_proj's 1,418 columns left a ragged last one that MKL ran slowly on an AMD EPYC
-# (AVX2): (4096, 328)·(328, 1418) took 41.7 ms, and 24.4 ms with 6 zero rows (1,424 columns).
-TILE_ROWS = 16
+Tensor = torch.Tensor
 
 
 class LowRankLinear(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(x_a·Aᵀ)·Bᵀ, x_a = dropout(x) (None: x itself); see the module docstring.
 
     Shapes: x and x_a (…, in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r)
-    → (…, out). Gradients only for the inputs that need one (a frozen base gets none).
+    → (…, out). The product runs over whole BLAS tiles, as `fedem.model.projection.TiledProduct`'s, and
+    the output is its view as there where `tiled`, else a contiguous copy, as a plain Linear's output
+    (other models' code may `view` it). Gradients only for the inputs that need one (a frozen base
+    gets none).
     """
 
     @staticmethod
@@ -57,12 +57,13 @@ class LowRankLinear(torch.autograd.Function):
         lora_B: Tensor,
         scaling: float,
         x_a: Tensor | None,
+        tiled: bool,
     ) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (T, in)
         rows_a = rows if x_a is None else x_a.reshape(-1, x.shape[-1])
         h = rows_a @ lora_A.t()  # (T, r)
         out, width = weight.shape
-        wide = -(-out // TILE_ROWS) * TILE_ROWS
+        wide = whole_tiles(out)
         joined = weight.new_zeros(wide, width + lora_A.shape[0])  # [W | s·B] and zero rows: (wide, in + r)
         joined[:out, :width] = weight
         torch.mul(lora_B, scaling, out=joined[:out, width:])
@@ -71,17 +72,17 @@ class LowRankLinear(torch.autograd.Function):
             y = inputs @ joined.t()
         else:
             y = torch.addmm(F.pad(bias, (0, wide - out)), inputs, joined.t())
-        y = y[:, :out].contiguous()  # as a Linear's: the mixer's compiled code is specialised to it
+        y = y[:, :out] if tiled else y[:, :out].contiguous()
         ctx.save_for_backward(rows, weight, lora_A, lora_B, h, None if x_a is None else rows_a)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
-        return y.view(*x.shape[:-1], out)
+        return y.unflatten(0, x.shape[:-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         rows, weight, lora_A, lora_B, h, rows_a = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_A, need_B, _, need_x_a = ctx.needs_input_grad
+        need_x, need_weight, need_bias, need_A, need_B, _, need_x_a, _ = ctx.needs_input_grad
         s, width = ctx.scaling, weight.shape[1]
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
         if need_x:
@@ -106,6 +107,7 @@ class LowRankLinear(torch.autograd.Function):
             (h.t() @ g).mul_(s).t() if need_B else None,
             None,
             None if grad_x_a is None else grad_x_a.view(ctx.x_shape),
+            None,
         )
 
 
@@ -127,6 +129,7 @@ class LoraLinear(PeftLoraLinear):
             self.lora_B[adapter].weight,
             self.scaling[adapter],
             x_a,
+            type(base) is TiledLinear,
         )
 
     def _plain_adapter(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -140,7 +143,7 @@ class LoraLinear(PeftLoraLinear):
         if (
             name in self.lora_variant
             or self.lora_B[name].bias is not None
-            or type(base) is not torch.nn.Linear
+            or type(base) not in (torch.nn.Linear, TiledLinear)
             or torch.is_autocast_enabled(x.device.type)
             or any(w.dtype != x.dtype for w in weights)
         ):

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import Mamba2Config, Mamba2ForCausalLM, PreTrainedTokenizerBase
 
 import fedem.model.scan  # noqa: F401 — importing it installs fedem's default (fast) scan process-wide
+from fedem.model.projection import tile_projections
 
 ARCHITECTURE = Mamba2ForCausalLM
 
@@ -91,13 +92,15 @@ def build_model(size: SeshuSize, tokenizer: PreTrainedTokenizerBase) -> Mamba2Fo
     The GPT-2-style 1/√layers scaling of each residual branch's output projection is applied here,
     once, and not through `rescale_prenorm_residual=True` in the config: transformers 5.23 re-applies
     that in-place division every time `from_pretrained` initialises a model, so a saved checkpoint
-    would load with its out_proj weights shrunk.
+    would load with its out_proj weights shrunk. Each mixer's in_proj is a `TiledLinear`
+    (`fedem.model.projection`): the same parameters, its product over whole BLAS tiles.
     """
     model = ARCHITECTURE(seshu_config(size, tokenizer))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("mixer.out_proj.weight"):
                 param.div_(math.sqrt(size.num_hidden_layers))
+    tile_projections(model)
     return model
 
 
