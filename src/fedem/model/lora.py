@@ -28,11 +28,10 @@ is not saved, so a saved adapter loads with plain peft.
 from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from fedem.model.projection import TiledLinear, whole_tiles
+from fedem.model.projection import TiledLinear, tiled_product
 
 Tensor = torch.Tensor
 
@@ -62,17 +61,9 @@ class LowRankLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])  # (T, in)
         rows_a = rows if x_a is None else x_a.reshape(-1, x.shape[-1])
         h = rows_a @ lora_A.t()  # (T, r)
-        out, width = weight.shape
-        wide = whole_tiles(out)
-        joined = weight.new_zeros(wide, width + lora_A.shape[0])  # [W | s·B] and zero rows: (wide, in + r)
-        joined[:out, :width] = weight
-        torch.mul(lora_B, scaling, out=joined[:out, width:])
-        inputs = torch.cat([rows, h], dim=1)  # (T, in + r)
-        if bias is None:
-            y = inputs @ joined.t()
-        else:
-            y = torch.addmm(F.pad(bias, (0, wide - out)), inputs, joined.t())
-        y = y[:, :out] if tiled else y[:, :out].contiguous()
+        joined = torch.cat([weight, lora_B * scaling], dim=1)  # (out, in + r)
+        y = tiled_product(torch.cat([rows, h], dim=1), joined, bias)
+        y = y if tiled else y.contiguous()
         ctx.save_for_backward(rows, weight, lora_A, lora_B, h, None if x_a is None else rows_a)
         ctx.scaling = scaling
         ctx.has_bias = bias is not None

@@ -34,25 +34,29 @@ def whole_tiles(columns: int) -> int:
     return -(-columns // TILE) * TILE
 
 
+def tiled_product(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """rows·weightᵀ + bias, rows (T, in), weight (out, in) → (T, out): a view into the product by the
+    weight padded with zero rows to `whole_tiles(out)`."""
+    out, width = weight.shape
+    wide = whole_tiles(out)
+    padded = weight.new_zeros(wide, width)
+    padded[:out] = weight
+    if bias is None:
+        return (rows @ padded.t())[:, :out]
+    return torch.addmm(F.pad(bias, (0, wide - out)), rows, padded.t())[:, :out]
+
+
 class TiledProduct(torch.autograd.Function):
     """x·Wᵀ + b, computed over whole tiles: x (…, in), weight (out, in), bias (out,) or None → a
     (…, out) view into a (T, whole_tiles(out)) product. Gradients only for the inputs that need one."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        out, width = weight.shape
-        wide = whole_tiles(out)
-        padded = weight.new_zeros(wide, width)
-        padded[:out] = weight
-        rows = x.reshape(-1, width)  # (T, in)
-        if bias is None:
-            y = rows @ padded.t()
-        else:
-            y = torch.addmm(F.pad(bias, (0, wide - out)), rows, padded.t())
+        rows = x.reshape(-1, weight.shape[1])  # (T, in)
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
-        return y[:, :out].unflatten(0, x.shape[:-1])
+        return tiled_product(rows, weight, bias).unflatten(0, x.shape[:-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
