@@ -34,7 +34,9 @@ def test_lora_finetune_quick(tmp_path: Path) -> None:
     assert 0 < report["trainable"] < report["parameters"]
     assert report["trainable_share"] == pytest.approx(report["trainable"] / report["parameters"], abs=1e-5)
     assert 0 < report["bytes"]["adapter"] < report["bytes"]["full_checkpoint"]
-    assert report["tokens_per_s"]["full"] > 0 and report["tokens_per_s"]["lora"] > 0
+    speed = report["tokens_per_s"]
+    assert all(speed[name] > 0 for name in ("full", "lora", "lora_peft_layer", "frozen_base"))
+    assert report["ceiling"] == pytest.approx(speed["frozen_base"] / speed["full"], abs=1e-3)
 
 
 @pytest.mark.slow
