@@ -105,7 +105,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Training: seshu-small vs a same-size LlamaForCausalLM",
         "",
-        f"Batch {s['batch']}, vocabulary {s['vocab']:,}, float32; forward + backward + clip + AdamW on "
+        f"Batch {s['batch']}, vocabulary {s['vocab']:,}, float32; forward + backward + clip + fused AdamW on "
         f"random ids; {s['warmup']} warm-up step(s), then up to {s['steps']} timed steps (at most "
         f"~{s['budget']:.0f} s) per configuration, each in its own process (peak RSS = that process's). "
         f"Seshu {report['parameters'].get('ssd', 0):,} parameters, Llama "
