@@ -36,7 +36,7 @@ import importlib.util
 import json
 import logging
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +120,13 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "sacrebleu")
 """The libraries that load, run and score a reference model."""
 
 
+def installed_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:  # gguf, before `make bench` installs it: nothing GGUF was evaluated
+        return None
+
+
 def reference_key(gguf: Path, args: argparse.Namespace) -> str:
     """sha256 of everything a reference model's evaluation depends on (see the module docstring)."""
 
@@ -134,7 +141,7 @@ def reference_key(gguf: Path, args: argparse.Namespace) -> str:
             code: [[pair.english, pair.other] for pair in pairs]
             for code, pairs in held_out_pairs(args.pairs, None, args.max_pairs).items()
         },
-        "versions": {name: version(name) for name in LIBRARIES},
+        "versions": {name: installed_version(name) for name in LIBRARIES},
         "code": {
             str(path.relative_to(SOURCE)): sha256(path.read_bytes())
             for path in fedem_imports("fedem.evaluate")
