@@ -123,7 +123,7 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "gguf", "sacrebleu")
 def installed_version(name: str) -> str | None:
     try:
         return version(name)
-    except PackageNotFoundError:  # gguf, before `make bench` installs it: nothing GGUF was evaluated
+    except PackageNotFoundError:  # gguf, before `make bench` installs it: then no GGUF was evaluated
         return None
 
 
@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     return {
         "machine": machine,
-        "versions": {name: version(name) for name in ("fedem", "torch", "transformers", "gguf")},
+        "versions": {name: installed_version(name) for name in ("fedem", "torch", "transformers", "gguf")},
         "settings": settings,
         "models": candidates,
     }
