@@ -288,12 +288,16 @@ def _training_cell(training: dict[str, Any]) -> str:
     )
 
 
+def reused(report: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether `entry`'s figures were measured in an earlier run than `report`'s (`previous_figures`)."""
+    return bool(entry["measured"]["date"] != report["machine"]["date"])
+
+
 def reused_note(report: dict[str, Any]) -> list[str]:
-    """A footnote for the models whose figures were measured in an earlier run (`previous_figures`)."""
-    this_run = next(iter(report["models"].values()))["measured"]
+    """A footnote for the models whose figures were measured in an earlier run."""
     lines = []
     for name, entry in report["models"].items():
-        if entry["measured"] != this_run:
+        if reused(report, entry):
             when = entry["measured"]
             lines += [
                 "",
@@ -321,7 +325,6 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "|---" * 8 + "|",
     ]
-    first = next(iter(report["models"]))
     for name, entry in report["models"].items():
         results = entry["report"]
         premiums = {code: row["premium"] for code, row in results["flores"].items()}
@@ -336,8 +339,7 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{results['summary']['mean_flores_bpb']:.3f}",
                     f"{premiums[worst]:.2f} ({worst})",
                     f"{results['summary'].get('mean_chrf', float('nan')):.2f}",
-                    f"{results['speed']['tokens_per_second']:,.0f}"
-                    + ("" if entry["measured"] == report["models"][first]["measured"] else " ¹"),
+                    f"{results['speed']['tokens_per_second']:,.0f}" + (" ¹" if reused(report, entry) else ""),
                 ]
             )
         )

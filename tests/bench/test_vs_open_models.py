@@ -83,10 +83,11 @@ def test_previous_figures_only_under_the_same_key(tmp_path: Path) -> None:
 def test_reused_figures_are_footnoted_with_their_run() -> None:
     now = {"date": "2026-11-26", "cpu": "Intel Xeon"}
     report = {
+        "machine": now,
         "models": {
             "Seshu-small": {"measured": now},
             bench.SMOLLM2: {"measured": {"date": "2026-11-25", "cpu": "AMD EPYC"}},
-        }
+        },
     }
     note = "\n".join(bench.reused_note(report))
     assert bench.SMOLLM2 in note and "2026-11-25" in note and "AMD EPYC" in note
