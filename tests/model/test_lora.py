@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from fedem.model import lora as fused
 from fedem.model.load import load_adapter
 from fedem.model.lora import LoraLinear, with_fused_layers
+from fedem.model.projection import MIN_ROWS
 from fedem.model.seshu import LORA_TARGETS, build_model
 
 from .conftest import TINY, TinyVocab, rel_err
@@ -107,10 +108,12 @@ def test_fused_layer_matches_peft(
 def test_peft_runs_what_the_layer_does_not_fuse() -> None:
     stock, ours = _pair(bias=True, dropout=0.0, dtype=torch.float32)
     base = ours.base_model.model.in_proj.get_base_layer()
-    x = torch.randn(2, 5, 24)
+    x = torch.randn(2, MIN_ROWS // 2, 24)  # as many rows as a prompt: fused, also without gradients
+    one_token = x[:, -1:]  # a decoding step's: peft's own products cost less than joining the weights
 
     with _counting() as calls, torch.no_grad():
         plain = ours(x)
+        torch.testing.assert_close(ours(one_token), stock(one_token))
         with ours.disable_adapter():
             assert torch.equal(ours(x), base(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):

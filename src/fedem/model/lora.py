@@ -31,7 +31,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
-from fedem.model.projection import TiledLinear, tiled_product
+from fedem.model.projection import TiledLinear, few_rows, tiled_product
 
 Tensor = torch.Tensor
 
@@ -61,8 +61,7 @@ class LowRankLinear(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1])  # (T, in)
         rows_a = rows if x_a is None else x_a.reshape(-1, x.shape[-1])
         h = rows_a @ lora_A.t()  # (T, r)
-        joined = torch.cat([weight, lora_B * scaling], dim=1)  # (out, in + r)
-        y = tiled_product(torch.cat([rows, h], dim=1), joined, bias)
+        y = tiled_product(torch.cat([rows, h], dim=1), (weight, lora_B * scaling), bias)
         y = y if tiled else y.contiguous()
         ctx.save_for_backward(rows, weight, lora_A, lora_B, h, None if x_a is None else rows_a)
         ctx.scaling = scaling
@@ -128,6 +127,8 @@ class LoraLinear(PeftLoraLinear):
         active = [name for name in self.active_adapters if name in self.lora_A]
         if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
             return None
+        if few_rows(x) and not torch.is_grad_enabled():
+            return None  # a decoding step: peft's three thin products cost less than joining weights
         name = active[0]
         base = self.get_base_layer()
         weights = (base.weight, self.lora_A[name].weight, self.lora_B[name].weight)

@@ -34,13 +34,17 @@ def whole_tiles(columns: int) -> int:
     return -(-columns // TILE) * TILE
 
 
-def tiled_product(rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """rows·weightᵀ + bias, rows (T, in), weight (out, in) → (T, out): a view into the product by the
-    weight padded with zero rows to `whole_tiles(out)`."""
-    out, width = weight.shape
+def tiled_product(rows: Tensor, blocks: tuple[Tensor, ...], bias: Tensor | None) -> Tensor:
+    """rows·[W₁ | W₂ | …]ᵀ + bias, rows (T, in), the weight's column blocks Wₖ (out, inₖ) summing to
+    `in` → (T, out): a view into the product by the blocks written side by side, once, into a buffer
+    padded with zero rows to `whole_tiles(out)`."""
+    out, width = blocks[0].shape[0], sum(block.shape[1] for block in blocks)
     wide = whole_tiles(out)
-    padded = weight.new_zeros(wide, width)
-    padded[:out] = weight
+    padded = blocks[0].new_zeros(wide, width)
+    start = 0
+    for block in blocks:
+        padded[:out, start : start + block.shape[1]] = block
+        start += block.shape[1]
     if bias is None:
         return (rows @ padded.t())[:, :out]
     return torch.addmm(F.pad(bias, (0, wide - out)), rows, padded.t())[:, :out]
@@ -56,7 +60,7 @@ class TiledProduct(torch.autograd.Function):
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
-        return tiled_product(rows, weight, bias).unflatten(0, x.shape[:-1])
+        return tiled_product(rows, (weight,), bias).unflatten(0, x.shape[:-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
@@ -71,9 +75,14 @@ class TiledProduct(torch.autograd.Function):
 
 
 MIN_ROWS = 256
-"""Fewer input rows than this take the Linear's own product: `TiledProduct` copies the weight into its
+"""Fewer input rows than this take the Linear's own product: `tiled_product` copies the weight into its
 padded form on every call, which a training or prompt batch repays many times over and one new
 token's product (a few rows) does not."""
+
+
+def few_rows(x: Tensor) -> bool:
+    """Whether `x` (…, in) has fewer than `MIN_ROWS` rows: too few to repay a padded weight's copy."""
+    return x.numel() < MIN_ROWS * x.shape[-1]
 
 
 class TiledLinear(torch.nn.Linear):
@@ -84,7 +93,7 @@ class TiledLinear(torch.nn.Linear):
         if (
             not x.is_cpu
             or self.out_features % TILE == 0
-            or x.numel() < MIN_ROWS * self.in_features
+            or few_rows(x)
             or torch.is_autocast_enabled("cpu")
         ):
             return super().forward(x)
