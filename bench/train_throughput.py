@@ -27,10 +27,12 @@ import argparse
 import multiprocessing as mp
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -116,16 +118,12 @@ def build(job: Job) -> Any:
     return build_model(SeshuSize(**job.size), _Vocab(job.vocab))  # type: ignore[arg-type]
 
 
-def measure(job: Job) -> dict[str, Any]:
-    """Build the model, warm up, time `job.steps` steps (fewer if the budget runs out); in the child."""
-    import contextlib
-
+def _prepare(job: Job) -> dict[str, Any]:
+    """What every measurement does first, in its child: fedem's allocator tuning, quiet logging, the
+    thread count. Returns what is worth reporting about it."""
     import torch
     from transformers.utils import logging
 
-    from fedem.loss import causal_lm_loss
-    from fedem.model.scan import use_scan
-    from fedem.model.seshu import count_parameters
     from fedem.train.allocator import keep_freed_memory
 
     # As `fedem.train` does before training; for every path, the baseline included, so ratios stay fair.
@@ -133,46 +131,67 @@ def measure(job: Job) -> dict[str, Any]:
     logging.set_verbosity_error()  # the stock scan warns once that mamba_ssm is missing; expected on CPU
     if job.threads:
         torch.set_num_threads(job.threads)
+    return {"threads": torch.get_num_threads(), "allocator_tuned": allocator_tuned}
+
+
+def training_step(job: Job) -> tuple[Any, Callable[[], float]]:
+    """`job`'s model and one training step of it on fixed random ids, as fedem's Trainer takes it: its
+    loss, backward, clipping, fused AdamW (the Trainer's default `adamw_torch_fused`; torch's CPU default
+    loops over the parameters). The step runs under `job`'s scan and returns the loss."""
+    import contextlib
+
+    import torch
+
+    from fedem.loss import causal_lm_loss
+    from fedem.model.scan import use_scan
+
     torch.manual_seed(0)
     model = build(job)
     model.train()
-    # Fused, as fedem's Trainer steps (its default `adamw_torch_fused`); torch's CPU default loops.
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, fused=True)
     ids = torch.randint(3, job.vocab, (job.batch, job.length))
-    rss_model = _peak_rss_mib()
+    stock = job.path in ("llama", "mamba1")
 
     def step() -> float:
-        loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})  # fedem's training loss
-        loss.backward()
+        with contextlib.nullcontext() if stock else use_scan(job.path.removesuffix(EAGER)):
+            loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})  # fedem's training loss
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    return model, step
+
+
+def measure(job: Job) -> dict[str, Any]:
+    """Build the model, warm up, time `job.steps` steps (fewer if the budget runs out); in the child."""
+    from fedem.model.seshu import count_parameters
+
+    setup = _prepare(job)
+    model, step = training_step(job)
+    rss_model = _peak_rss_mib()
     step_seconds: list[float] = []
-    scan = job.path.removesuffix(EAGER)
-    with contextlib.nullcontext() if job.path in ("llama", "mamba1") else use_scan(scan):
-        start = time.perf_counter()
-        for _ in range(job.warmup):
-            step()
-        warmup_s = time.perf_counter() - start
-        start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        while len(step_seconds) < job.steps:
-            t0 = time.perf_counter()
-            loss = step()
-            step_seconds.append(time.perf_counter() - t0)
-            if time.perf_counter() - start > job.budget_s:
-                break
-        seconds = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    for _ in range(job.warmup):
+        step()
+    warmup_s = time.perf_counter() - start
+    start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    while len(step_seconds) < job.steps:
+        t0 = time.perf_counter()
+        loss = step()
+        step_seconds.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > job.budget_s:
+            break
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
     steps = len(step_seconds)
     return {
         "path": job.path,
         "length": job.length,
         "batch": job.batch,
         "parameters": count_parameters(model),
-        "threads": torch.get_num_threads(),
-        "allocator_tuned": allocator_tuned,
+        **setup,
         "warmup_steps": job.warmup,
         "warmup_s": warmup_s,
         "steps": steps,
@@ -189,13 +208,46 @@ def measure(job: Job) -> dict[str, Any]:
     }
 
 
-def _child(job: Job, conn: Connection) -> None:
+def alternate(jobs: tuple[Job, ...]) -> dict[str, Any]:
+    """Time `jobs` in this one process taking turns, one step of each per round, after each one's
+    warm-up; each one's tokens/s from its median step. In the child.
+
+    The same minutes for every configuration: this VM's speed drifts by 10-30% over minutes, which
+    moved a ratio of consecutive runs by as much (vs_llama at L=512: 1.04× and 0.93× an hour apart),
+    and a slow burst here slows one step of each. Rounds stop at the first job's `steps`, or once its
+    `budget_s` has passed after at least 3. No peak memory: the process holds every model at once.
+    """
+    setup = _prepare(jobs[0])
+    steps = {job.path: training_step(job)[1] for job in jobs}
+    for job in jobs:
+        for _ in range(job.warmup):
+            steps[job.path]()
+    times: dict[str, list[float]] = {path: [] for path in steps}
+    start = time.perf_counter()
+    for done in range(jobs[0].steps):
+        if done >= 3 and time.perf_counter() - start > jobs[0].budget_s:
+            break
+        for path, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[path].append(time.perf_counter() - t0)
+    return {
+        **setup,
+        "rounds": len(times[jobs[0].path]),
+        "step_seconds": times,
+        "tokens_per_s": {
+            job.path: job.batch * job.length / statistics.median(times[job.path]) for job in jobs
+        },
+    }
+
+
+def _child(measurement: Callable[[Any], dict[str, Any]], what: Any, job: Job, conn: Connection) -> None:
     if job.path.endswith(EAGER):
         os.environ["FEDEM_COMPILE"] = "0"  # read when fedem is imported, after this
     if job.mem_limit_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (job.mem_limit_bytes, job.mem_limit_bytes))
     try:
-        conn.send(measure(job))
+        conn.send(measurement(what))
     except BaseException as err:  # noqa: B036 — report anything (MemoryError included) to the parent
         text = str(err).strip()
         conn.send(
@@ -209,11 +261,12 @@ def _child(job: Job, conn: Connection) -> None:
         conn.close()
 
 
-def run_job(job: Job) -> dict[str, Any]:
-    """`measure(job)` in a fresh spawned process; a crash (e.g. killed for memory) becomes an error entry."""
+def in_child(measurement: Callable[[Any], dict[str, Any]], what: Any, job: Job) -> dict[str, Any]:
+    """`measurement(what)` in a fresh spawned process under `job`'s memory limit (and uncompiled, for an
+    "-eager" path); a crash (e.g. killed for memory) becomes an error entry."""
     ctx = mp.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(job, send))
+    process = ctx.Process(target=_child, args=(measurement, what, job, send))
     process.start()
     send.close()
     try:
@@ -225,7 +278,12 @@ def run_job(job: Job) -> dict[str, Any]:
         result["error"] = f"the child process exited with {process.exitcode}"
     if process.exitcode == -9:  # SIGKILL: most likely the kernel's OOM killer
         result["error"] += " (killed: out of memory?)"
-    return {"path": job.path, "length": job.length, "batch": job.batch, **result}
+    return result
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """`measure(job)` in a fresh process (`in_child`)."""
+    return {"path": job.path, "length": job.length, "batch": job.batch, **in_child(measure, job, job)}
 
 
 def is_memory_error(result: dict[str, Any]) -> bool:

@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from tests.bench.conftest import run_quick
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,6 +170,12 @@ def test_vs_llama_quick_run_reports_ratios_against_the_targets(tmp_path: Path) -
     assert rows["ssd / chunked"]["speed_vs_chunked"] > 0
     assert rows["ssd / Mamba-1 use_mambapy"]["speed_vs_mamba1"] > 0
     assert rows["ssd / Mamba-1 use_mambapy"]["speed_target"] == 10.0
+    (turns,) = report["alternating"]  # the Llama and ssd taking turns in one process
+    assert "error" not in turns, turns
+    assert turns["rounds"] == 2 and all(len(t) == 2 for t in turns["step_seconds"].values())
+    assert rows["ssd, taking turns with llama in one process"]["speed_vs_llama"] == pytest.approx(
+        turns["tokens_per_s"]["ssd"] / turns["tokens_per_s"]["llama"]
+    )
 
 
 def test_vs_llama_verdicts_say_by_how_much_a_target_is_missed() -> None:
@@ -187,3 +195,11 @@ def test_vs_llama_verdicts_say_by_how_much_a_target_is_missed() -> None:
     assert rows["ssd-eager"]["speed_vs_llama"] is None  # nor the one that did not run
     assert rows["ssd"]["speed_vs_llama"] == 0.9 and rows["ssd"]["memory_vs_llama"] == 1.1
     assert rows["ssd"]["speed_target"] == 0.8 and rows["ssd"]["memory_target"] == 1.3
+    # Timed taking turns in one process, the ratio carries the speed target instead (one verdict each).
+    turns = {"length": 512, "batch": 8, "tokens_per_s": {"llama": 1000.0, "ssd": 850.0}}
+    rows = {row["path"]: row for row in vs_llama.summarise([llama, chunked, ssd], [512], [turns])}
+    assert rows["ssd"]["speed_vs_llama"] == 0.9 and rows["ssd"]["speed_target"] is None
+    assert rows["ssd"]["memory_target"] == 1.3
+    alternating = rows["ssd, taking turns with llama in one process"]
+    assert alternating["speed_vs_llama"] == 0.85 and alternating["speed_target"] == 0.8
+    assert rows["chunked"]["speed_target"] == 0.8
