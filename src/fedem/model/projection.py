@@ -90,12 +90,7 @@ class TiledLinear(torch.nn.Linear):
     is not whole tiles; the Linear's own otherwise (and under autocast)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if (
-            not x.is_cpu
-            or self.out_features % TILE == 0
-            or few_rows(x)
-            or torch.is_autocast_enabled("cpu")
-        ):
+        if not x.is_cpu or self.out_features % TILE == 0 or few_rows(x) or torch.is_autocast_enabled("cpu"):
             return super().forward(x)
         return TiledProduct.apply(x, self.weight, self.bias)
 
