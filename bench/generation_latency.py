@@ -7,7 +7,8 @@ for 1 new token (prompt processing + 1 step) and once for 1 + N — and
 
     ms per new token = (time(1 + N) − time(1)) / N            prefill s = time(1)
 
-so the prompt's cost is measured apart from the per-token cost. Each figure is the best of `--repeats`.
+so the prompt's cost is measured apart from the per-token cost. Each figure is the best of `--repeats`
+rounds over every configuration (`measure`).
 Seshu keeps a fixed-size recurrent state per layer (transformers' `Mamba2Cache`: a convolution window
 and the SSM state), so its per-token cost should not grow with the prompt; a Transformer's KV cache
 does. Targets (issue 5): Seshu's ms/token after 8192 tokens ≤ 1.2× that after 16, and below Llama's at
@@ -66,20 +67,42 @@ def timed_generate(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int
 
 
 def measure(
-    model: PreTrainedModel, length: int, batch: int, new_tokens: int, repeats: int
-) -> dict[str, float]:
-    prompt = torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
-    timed_generate(model, prompt[:, :16], 2)  # warm-up: first-call allocations and dispatch
-    one = min(timed_generate(model, prompt, 1) for _ in range(repeats))
-    many = min(timed_generate(model, prompt, 1 + new_tokens) for _ in range(repeats))
-    per_token = max(many - one, 0.0) / new_tokens
-    return {
-        "prompt": length,
-        "batch": batch,
-        "prefill_s": round(one, 4),
-        "ms_per_token": round(1000 * per_token, 3),
-        "tokens_per_s": round(batch / per_token, 1) if per_token else float("inf"),
+    models: dict[str, PreTrainedModel], plan: list[tuple[int, int]], new_tokens: int, repeats: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Per model, a row for each (prompt length, batch) of `plan`, each time the best of `repeats`.
+
+    The repeats are rounds over every configuration, not one configuration's repeats back to back:
+    this VM's speed drifts by 10-30% over minutes, and a slow spell then costs each configuration one
+    repeat instead of all of one configuration's (after 8,192 tokens Seshu had measured 16.4 ms a
+    token, after 2,048 11.1 ms, a minute apart in one run)."""
+    prompts = {
+        (length, batch): torch.randint(
+            3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length)
+        )
+        for length, batch in plan
     }
+    for model in models.values():  # warm-up: first-call allocations and dispatch
+        timed_generate(model, prompts[plan[0]][:, :16], 2)
+    best = {(name, key): [float("inf"), float("inf")] for name in models for key in plan}
+    for _ in range(repeats):
+        for key in plan:
+            for name, model in models.items():
+                times = best[(name, key)]
+                times[0] = min(times[0], timed_generate(model, prompts[key], 1))
+                times[1] = min(times[1], timed_generate(model, prompts[key], 1 + new_tokens))
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+    for (name, (length, batch)), (one, many) in best.items():
+        per_token = max(many - one, 0.0) / new_tokens
+        rows[name].append(
+            {
+                "prompt": length,
+                "batch": batch,
+                "prefill_s": round(one, 4),
+                "ms_per_token": round(1000 * per_token, 3),
+                "tokens_per_s": round(batch / per_token, 1) if per_token else float("inf"),
+            }
+        )
+    return rows
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -90,8 +113,8 @@ def markdown(report: dict[str, Any]) -> str:
         machine_line(report["machine"]),
         "",
         f"Greedy decoding, float32, {report['new_tokens']} new tokens timed after the prompt (prompt "
-        f"processing measured apart), best of {report['repeats']}. Parameters: Seshu "
-        f"{report['params']['seshu']:,}, Llama {report['params']['llama']:,} "
+        f"processing measured apart), best of {report['repeats']} rounds over all configurations. "
+        f"Parameters: Seshu {report['params']['seshu']:,}, Llama {report['params']['llama']:,} "
         f"({report['llama_layers']} layers).",
         "",
         "| prompt | batch | Seshu ms/token | Llama ms/token | Seshu / Llama | Seshu prefill s "
@@ -154,11 +177,7 @@ def main() -> int:
     llama.eval()
     models: dict[str, PreTrainedModel] = {"seshu": seshu, "llama": llama}
     plan = [(p, 1) for p in prompts] + [(prompts[min(1, len(prompts) - 1)], b) for b in args.batches if b > 1]
-    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
-    for prompt, batch in plan:
-        for name, model in models.items():
-            rows[name].append(measure(model, prompt, batch, args.new_tokens, args.repeats))
-            print(name, rows[name][-1], flush=True)
+    rows = measure(models, plan, args.new_tokens, args.repeats)
     report = {
         "machine": machine_info(),
         "size": size.model_dump(),
