@@ -40,7 +40,6 @@ MAMBA1_BATCH = 2
 MAMBA1_TARGET = 10.0  # seshu (ssd) tokens/s over Mamba-1 use_mambapy's, at least
 VOCAB = 8_000
 SPEED_TARGETS = {512: 0.8, 2048: 1.2}  # seshu tokens/s over Llama's, at these lengths
-ALTERNATING = ("llama", "ssd")  # timed again in one process, taking turns: the speed targets' figures
 MEMORY_TARGETS = {512: 1.3}  # seshu peak RSS over Llama's, at most
 
 
@@ -239,7 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def take_turns(
     length: int, args: argparse.Namespace, sizes: dict[str, dict[str, Any]], vocab: int, mem_limit: int
 ) -> dict[str, Any]:
-    """`ALTERNATING`'s configurations at `length`, timed taking turns in one child process."""
+    """The Llama and seshu on its default path ("llama" and "ssd" in `sizes`, their model sizes) at
+    `length`, timed taking turns in one child process: the speed targets' figures."""
     jobs = tuple(
         harness.Job(
             path=path,
@@ -247,21 +247,21 @@ def take_turns(
             batch=args.batch,
             warmup=args.warmup,
             steps=args.rounds,
-            budget_s=args.budget * len(ALTERNATING),
+            budget_s=args.budget * len(sizes),
             size=sizes[path],
             vocab=vocab,
             threads=args.threads,
             mem_limit_bytes=mem_limit,
         )
-        for path in ALTERNATING
+        for path in sizes
     )
-    print(f"length {length:5d}  {' and '.join(ALTERNATING)}, taking turns …", end=" ", flush=True)
+    print(f"length {length:5d}  {' and '.join(sizes)}, taking turns …", end=" ", flush=True)
     result = {"length": length, "batch": args.batch, **harness.in_child(harness.alternate, jobs, jobs[0])}
     if "error" in result:
         print(f"failed: {result['error']}", flush=True)
     else:
         speed = result["tokens_per_s"]
-        print(", ".join(f"{path} {speed[path]:,.0f} tokens/s" for path in ALTERNATING), flush=True)
+        print(", ".join(f"{path} {speed[path]:,.0f} tokens/s" for path in sizes), flush=True)
     return result
 
 
