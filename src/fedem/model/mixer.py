@@ -213,13 +213,16 @@ def _segment_backward(
     w: _Weights,
     cfg: _Settings,
     need: tuple[bool, ...],
-) -> tuple[tuple[Tensor, Tensor], list[Tensor | None], Tensor]:
+    grad_segment: Tensor,
+) -> tuple[Tensor, list[Tensor | None], Tensor]:
     """Backward through one segment of some rows, given ∂out, ∂(the state leaving it), and its y and
     states entering each chunk from forward.
 
-    Returns the segment's ∂zxbcdt (∂z, ∂xBC, ∂dt side by side: one buffer to copy out) and ∂xBC of
-    the `context` positions before it, which belong to the segment before; the parameters' gradients
-    from this segment (None where not needed); and ∂(the state entering it).
+    Writes the segment's ∂zxbcdt (∂z, ∂xBC, ∂dt side by side) into `grad_segment`, its place in the
+    whole ∂zxbcdt: compiled, the last kernel stores there directly, where returning it to be copied in
+    cost 3-7% more of a layer's backward at (8, 512), up to 5% at (2-4, 2048) (docs/design.md). Returns
+    ∂xBC of the `context` positions before the segment, which belong to the segment before; the
+    parameters' gradients from this segment (None where not needed); and ∂(the state entering it).
     """
     heads, groups, eps = w.A.shape[0], cfg.groups, cfg.eps
     layer = _Layer(window, context, w.conv_weight, w.conv_bias, w.dt_bias, cfg.dt_limit, heads, groups)
@@ -279,8 +282,8 @@ def _segment_backward(
         grad_D,
         grad_norm_weight,
     ]
-    grad_segment = torch.cat([grad_z, grad_xbc[:, context:], grad_dt], dim=-1)
-    return (grad_segment, grad_xbc[:, :context]), grads, grad_initial
+    grad_segment.copy_(torch.cat([grad_z, grad_xbc[:, context:], grad_dt], dim=-1))
+    return grad_xbc[:, :context], grads, grad_initial
 
 
 def _window(zxbcdt: Tensor, segment: slice, taps: int) -> tuple[Tensor, int]:
@@ -417,7 +420,7 @@ class MixerCore(torch.autograd.Function):
                 segment = segments[k]
                 window, context = _window(padded[tile], segment, w.conv_weight.shape[1])
                 y, chunk_states = kept[2 * (n * len(segments) + k) : 2 * (n * len(segments) + k) + 2]
-                parts, grads, grad_state = _BACKWARD(
+                grad_context_next, grads, grad_state = _BACKWARD(
                     grad_out[tile, segment],
                     window,
                     context,
@@ -427,11 +430,11 @@ class MixerCore(torch.autograd.Function):
                     w,
                     cfg,
                     need,
+                    grad_zxbcdt[tile, segment],
                 )
-                grad_zxbcdt[tile, segment] = parts[0]
                 if grad_context is not None:
                     grad_xbc[tile, segment.stop - grad_context.shape[1] : segment.stop] += grad_context
-                grad_context = parts[1]
+                grad_context = grad_context_next
                 totals = [
                     t if g is None else g if t is None else t.add_(g)
                     for t, g in zip(totals, grads, strict=True)
