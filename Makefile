@@ -48,7 +48,7 @@ demo: install
 		"plots: $(DEMO)/federation/bpb.png, $(DEMO)/federation/chrf.png;" \
 		"release v2 model card: $(DEMO)/federation/release/v2/README.md"
 
-# Issue 5's figures, ~20 min on 2 idle cores, ~35 when SmolLM2 is evaluated rather than its figures
+# Issue 5's figures, ~20 min on 2 idle cores, ~40 when SmolLM2 is evaluated rather than its figures
 # reused (each writes Markdown + JSON to bench/results/): training
 # speed and memory vs a same-size Llama, generation latency, LoRA vs full fine-tuning, the forward
 # outside training with the scan's C loop vs torch code, and equal wall-clock pretraining vs Llama
