@@ -1,14 +1,17 @@
 """LoRA fine-tuning: response-only loss, a portable adapter, `--init` continues a trainable adapter."""
 
 import json
+import random
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from fedem.config import validate
 from fedem.data.packing import IGNORE_INDEX
@@ -17,7 +20,7 @@ from fedem.model.load import load_tokenizer
 from fedem.model.lora import LoraLinear
 from fedem.provenance import weights_fingerprint
 from fedem.train.config import FinetuneConfig
-from fedem.train.finetune import adapter_model, finetune, translation_rows
+from fedem.train.finetune import adapter_model, finetune, training_split, translation_rows
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,37 @@ def test_adapter_is_saved_alone_and_loads_with_plain_peft(
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+
+
+class PaddingShare(TrainerCallback):
+    """Records the share of padded positions in the batches of the Trainer's training data loader."""
+
+    share: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        masks = [batch["attention_mask"] for batch in kwargs["train_dataloader"]]
+        self.share = sum(int((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+
+def test_batches_hold_rows_of_similar_length(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """Rows are padded to the longest in their batch, so fine-tuning groups rows by length (HF's
+    LengthGroupedSampler): far less padding than batches drawn at random from the same rows."""
+    pairs = tmp_path / "en-hi.tsv"
+    lines = (data_dir / "parallel" / "en-hi.tsv").read_text(encoding="utf-8").splitlines()[:800]
+    pairs.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = _config(tiny_model_dir, pairs, tmp_path / "adapter", max_length=1024)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 1})})
+    lengths = [len(ids) for ids, _ in training_split(cfg, load_tokenizer(tiny_model_dir))[0].rows]
+    random.Random(0).shuffle(lengths)
+    size = cfg.train.batch_size
+    batches = [lengths[start : start + size] for start in range(0, len(lengths), size)]
+    random_share = 1 - sum(lengths) / sum(max(batch) * len(batch) for batch in batches)
+    padding = PaddingShare()
+
+    finetune(cfg, callbacks=[padding])
+
+    assert padding.share is not None and random_share > 0.2
+    assert padding.share < random_share / 4
 
 
 def test_adapters_train_through_fedems_lora_layer(tiny_model_dir: Path, pairs: Path, tmp_path: Path) -> None:

@@ -118,8 +118,9 @@ def response_bits_per_byte(
     model.eval()
     device = next(model.parameters()).device
     nll, byte_count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        rows = [examples[i] for i in range(start, min(start + batch_size, len(examples)))]
+    order = sorted(range(len(examples)), key=lambda i: len(examples.rows[i][0]))  # less padding
+    for start in range(0, len(order), batch_size):
+        rows = [examples[i] for i in order[start : start + batch_size]]
         nll += batch_nll(model, pad_batch(rows, tokenizer.pad_token_id), device)[0]
     for _, labels in examples.rows:
         learned = [t for t in labels[1:] if t != IGNORE_INDEX]
@@ -181,6 +182,7 @@ def finetune(
         collator=partial(pad_batch, pad_id=tokenizer.pad_token_id),
         resume=resume,
         callbacks=callbacks,
+        group_by_length=True,  # rows are padded to the longest in their batch
     )
     plot = plot_metrics(cfg.out)
     final = {k: v for row in trainer.state.log_history for k, v in row.items() if k == "eval_loss"}
