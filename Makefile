@@ -48,9 +48,10 @@ demo: install
 		"plots: $(DEMO)/federation/bpb.png, $(DEMO)/federation/chrf.png;" \
 		"release v2 model card: $(DEMO)/federation/release/v2/README.md"
 
-# Issue 5's figures, ~20 min on 2 idle cores, ~40 when SmolLM2 is evaluated rather than its figures
+# Issue 5's figures, ~25 min on 2 idle cores, ~45 when SmolLM2 is evaluated rather than its figures
 # reused (each writes Markdown + JSON to bench/results/): training
-# speed and memory vs a same-size Llama, generation latency, LoRA vs full fine-tuning, the forward
+# speed and memory vs a same-size Llama, generation latency, LoRA vs full fine-tuning, how
+# fine-tuning batches translation rows, the forward
 # outside training with the scan's C loop vs torch code, and equal wall-clock pretraining vs Llama
 # next to SmolLM2 (the leaderboard). The hub's and the server's own
 # benchmarks (hub_throughput, hub_load, serve_latency) run alone: see bench/README.md.
@@ -59,6 +60,7 @@ bench: install
 	$(PY) bench/vs_llama.py
 	$(PY) bench/generation_latency.py
 	$(PY) bench/lora_finetune.py
+	$(PY) bench/finetune_batching.py
 	$(PY) bench/scoring_forward.py
 	$(PY) bench/vs_open_models.py --minutes 3
 

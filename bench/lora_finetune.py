@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,11 @@ from machine import machine_info, machine_line, write_report
 REPO = Path(__file__).resolve().parents[1]
 RANK = 8
 
+Batch = Mapping[str, torch.Tensor]  # input_ids and labels, optionally attention_mask
+Step = Callable[[Batch], None]
 
-def training_step(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
+
+def training_step(model: torch.nn.Module) -> Step:
     """One step of `model` on a batch as fedem's Trainer takes it: loss, backward, clipping, AdamW.
 
     AdamW fused, as the Trainer's default optimiser (`adamw_torch_fused`): torch's default on a CPU is
@@ -50,8 +53,8 @@ def training_step(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
     optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, fused=True)
     model.train()
 
-    def step(ids: torch.Tensor) -> None:
-        causal_lm_loss(model, {"input_ids": ids, "labels": ids}).backward()
+    def step(batch: Batch) -> None:
+        causal_lm_loss(model, batch).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -59,7 +62,7 @@ def training_step(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
     return step
 
 
-def frozen_base(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
+def frozen_base(model: torch.nn.Module) -> Step:
     """A step of `model` with every weight frozen that still differentiates down to the first mixer's
     in_proj output (the lowest place a LoRA on in_proj needs ∂y): what an adapter step costs at least."""
     model.requires_grad_(False)
@@ -67,15 +70,13 @@ def frozen_base(model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
     first = model.backbone.layers[0].mixer.in_proj  # type: ignore[union-attr,index]
     first.register_forward_hook(lambda module, inputs, output: output.detach().requires_grad_())
 
-    def step(ids: torch.Tensor) -> None:
-        causal_lm_loss(model, {"input_ids": ids, "labels": ids}).backward()
+    def step(batch: Batch) -> None:
+        causal_lm_loss(model, batch).backward()
 
     return step
 
 
-def tokens_per_second(
-    steps: dict[str, Callable[[torch.Tensor], None]], batches: list[torch.Tensor], warmup: int
-) -> dict[str, float]:
+def tokens_per_second(steps: dict[str, Step], batches: Sequence[Batch], warmup: int) -> dict[str, float]:
     """Each step function's tokens/s over the same batches, taking turns batch by batch.
 
     Turns, not one run after the other: this VM's speed drifts by ±10-30% over minutes (neighbours on
@@ -83,13 +84,14 @@ def tokens_per_second(
     the median taken, so that a burst of slowness in one step does not count either.
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for n, ids in enumerate(batches):
+    for n, batch in enumerate(batches):
         for name, step in steps.items():
             start = time.perf_counter()
-            step(ids)
+            step(batch)
             if n >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: batches[0].numel() / statistics.median(seconds) for name, seconds in times.items()}
+    tokens = batches[0]["input_ids"].numel()
+    return {name: tokens / statistics.median(seconds) for name, seconds in times.items()}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -111,10 +113,9 @@ def main() -> int:
     keep_freed_memory()  # as fedem's training does (`fedem.train.allocator`), for both runs
     size, length = (TINY, 64) if args.quick else (SMALL, args.length)
     generator = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(3, VOCAB, (args.batch, length), generator=generator)
-        for _ in range(args.warmup + args.steps)
-    ]
+    shape = (args.batch, length)
+    ids = [torch.randint(3, VOCAB, shape, generator=generator) for _ in range(args.warmup + args.steps)]
+    batches = [{"input_ids": row, "labels": row} for row in ids]
 
     def adapter(fused: bool) -> torch.nn.Module:
         torch.manual_seed(0)

@@ -1,6 +1,6 @@
-"""`bench/generation_latency.py`, `bench/lora_finetune.py` and `bench/scoring_forward.py` run end to
-end with `--quick` (tiny models) and write their reports; figures are checked for shape and sense,
-never for speed."""
+"""`bench/generation_latency.py`, `bench/lora_finetune.py`, `bench/finetune_batching.py` and
+`bench/scoring_forward.py` run end to end with `--quick` (tiny models) and write their reports; figures
+are checked for shape and sense, never for speed."""
 
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,17 @@ def test_lora_finetune_quick(tmp_path: Path) -> None:
     speed = report["tokens_per_s"]
     assert all(speed[name] > 0 for name in ("full", "lora", "lora_peft_layer", "frozen_base"))
     assert report["ceiling"] == pytest.approx(speed["frozen_base"] / speed["full"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_finetune_batching_quick(tmp_path: Path) -> None:
+    report = run_bench("finetune_batching.py", tmp_path)
+    shares = report["shares"]
+    # grouped rows are hardly padded; random ones are, and the loss counts only part of the text
+    assert shares["grouped"]["text"] > 0.9 > shares["random"]["text"]
+    assert all(0 < share["labelled"] < share["text"] for share in shares.values())
+    assert [len(widths) for widths in report["widths"].values()] == [report["steps"]] * 2
+    assert all(value > 0 for value in report["text_tokens_per_s"].values())
 
 
 @pytest.mark.slow
