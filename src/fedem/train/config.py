@@ -112,6 +112,11 @@ class FinetuneConfig(Strict):
     )
     max_length: int = Field(default=256, gt=8)
     eval_size: int = Field(default=64, ge=0, description="examples held out from the training data")
+    group_by_length: bool = Field(
+        default=True,
+        description="batch rows of similar length together (HF's LengthGroupedSampler): rows are padded "
+        "to the longest of their batch, and random batches of translation rows were half padding",
+    )
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings(learning_rate=2e-3, warmup_steps=10, weight_decay=0.0, max_steps=200)
     out: Path = Path("runs/adapter")

@@ -182,7 +182,7 @@ def finetune(
         collator=partial(pad_batch, pad_id=tokenizer.pad_token_id),
         resume=resume,
         callbacks=callbacks,
-        group_by_length=True,  # rows are padded to the longest in their batch
+        group_by_length=cfg.group_by_length,
     )
     plot = plot_metrics(cfg.out)
     final = {k: v for row in trainer.state.log_history for k, v in row.items() if k == "eval_loss"}
