@@ -10,8 +10,9 @@ sends only labelled positions through the head (`fedem.loss`).
 In one process, seshu-small over a tokenizer trained on the shipped corpus, fedem's en→xx rows of
 one language pair (max_length 192, batch 8), taking turns batch by batch after every shape has been
 compiled: LoRA on rows drawn at random (the Trainer's default sampler), LoRA on length-grouped rows
-(fedem's), and full fine-tuning on the same grouped rows. Each one's text tokens/s (positions that
-are not padding) over the same number of steps, and the share of padding and of labelled positions.
+(fedem's), and full fine-tuning on the same grouped rows, each over batches spread evenly through an
+epoch of its order. Each one's text tokens/s (positions that are not padding) over the same number
+of steps, and the share of padding and of labelled positions.
 Results: `<out>/finetune_batching.{json,md}`.
 
     python bench/finetune_batching.py                        # seshu-small → bench/results/
@@ -49,6 +50,12 @@ MAX_LENGTH = 192
 def batches(rows: list[tuple[list[int], list[int]]], order: list[int], size: int, pad_id: int) -> list[Batch]:
     features = [{"input_ids": torch.tensor(rows[i][0]), "labels": torch.tensor(rows[i][1])} for i in order]
     return [pad_batch(features[start : start + size], pad_id) for start in range(0, len(features), size)]
+
+
+def spread(batch_list: list[Batch], count: int) -> list[Batch]:
+    """`count` batches evenly spaced over a whole epoch's: a grouped epoch runs from its longest rows
+    to its shortest within each megabatch, so its first batches would stand for the long rows only."""
+    return batch_list[:: max(1, len(batch_list) // count)][:count]
 
 
 def shares(batch_list: list[Batch]) -> dict[str, float]:
@@ -114,10 +121,9 @@ def main() -> int:
         lengths = [len(ids) for ids, _ in rows]
         random_order = torch.randperm(len(rows), generator=generator).tolist()
         grouped_order = list(LengthGroupedSampler(args.batch, lengths=lengths, generator=generator))
-        count = steps * args.batch
         drawn = {
-            "random": batches(rows, random_order[:count], args.batch, tokenizer.pad_token_id),
-            "grouped": batches(rows, grouped_order[:count], args.batch, tokenizer.pad_token_id),
+            name: spread(batches(rows, order, args.batch, tokenizer.pad_token_id), steps)
+            for name, order in (("random", random_order), ("grouped", grouped_order))
         }
         runs = {
             "lora_random": (training_step(adapter_model(cfg)), drawn["random"]),
@@ -156,8 +162,9 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"Seshu {report['size']['hidden_size']}×{report['size']['num_hidden_layers']}, vocabulary "
             f"{report['vocabulary']:,}; {report['rows']:,} en→xx rows of {report['pairs']} (max_length "
-            f"{report['max_length']}), batch {report['batch']}, {report['steps']} timed steps each, the "
-            "three runs taking turns batch by batch after every batch had run once; float32, fused AdamW. "
+            f"{report['max_length']}), batch {report['batch']}, {report['steps']} timed steps each on "
+            "batches spread evenly through an epoch, the three runs taking turns batch by batch after "
+            "every batch had run once; float32, fused AdamW. "
             "Text tokens are the positions that are not padding; the loss counts the labelled ones (the "
             "translation).",
             "",

@@ -16,7 +16,7 @@ Only labelled positions go through the head: the op computes the logits of rows 
 then ignores them, and in fine-tuning most rows are a prompt or padding. On batches of 8 of fedem's
 en-hi translation rows drawn at random (20% of positions labelled, seshu-small, 2 cores) a LoRA step
 took 1.41× less time and a full fine-tuning step 1.40× less; grouped by length, as `fedem finetune`
-batches them (44% labelled), 1.16× and 1.31× less (docs/design.md, "Fine-tuning's batches"). In
+batches them (41% labelled), 1.21× and 1.23× less (docs/design.md, "Fine-tuning's batches"). In
 packed pretraining only each row's last position has no label, and the gather with its scatter in
 backward costs ~2-3 ms of a 1.3 s step at (8, 256).
 
