@@ -32,7 +32,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import logging
 
 from fedem.config import validate
-from fedem.data.packing import IGNORE_INDEX, pad_batch
+from fedem.data.packing import pad_batch
+from fedem.loss import count_labelled
 from fedem.model.load import load_model
 from fedem.model.seshu import build_model
 from fedem.model.tokenizer import train_tokenizer
@@ -47,22 +48,27 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 192
 
 
-def batches(rows: list[tuple[list[int], list[int]]], order: list[int], size: int, pad_id: int) -> list[Batch]:
-    features = [{"input_ids": torch.tensor(rows[i][0]), "labels": torch.tensor(rows[i][1])} for i in order]
-    return [pad_batch(features[start : start + size], pad_id) for start in range(0, len(features), size)]
-
-
-def spread(batch_list: list[Batch], count: int) -> list[Batch]:
-    """`count` batches evenly spaced over a whole epoch's: a grouped epoch runs from its longest rows
-    to its shortest within each megabatch, so its first batches would stand for the long rows only."""
-    return batch_list[:: max(1, len(batch_list) // count)][:count]
+def spread_batches(
+    rows: list[tuple[list[int], list[int]]], order: list[int], size: int, count: int, pad_id: int
+) -> list[Batch]:
+    """`count` padded batches of `size` rows, evenly spaced over the whole epoch that `order` makes: a
+    grouped epoch runs from its longest rows to its shortest within each megabatch, so its first
+    batches would stand for the long rows only."""
+    epoch = [order[start : start + size] for start in range(0, len(order), size)]
+    return [
+        pad_batch(
+            [{"input_ids": torch.tensor(rows[i][0]), "labels": torch.tensor(rows[i][1])} for i in batch],
+            pad_id,
+        )
+        for batch in epoch[:: max(1, len(epoch) // count)][:count]
+    ]
 
 
 def shares(batch_list: list[Batch]) -> dict[str, float]:
     """Shares of all positions that are text (not padding) and that the loss counts."""
     positions = sum(b["input_ids"].numel() for b in batch_list)
     text = sum(int(b["attention_mask"].sum()) for b in batch_list)
-    labelled = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batch_list)
+    labelled = sum(int(count_labelled(b["labels"])) for b in batch_list)
     return {"text": round(text / positions, 4), "labelled": round(labelled / positions, 4)}
 
 
@@ -122,7 +128,7 @@ def main() -> int:
         random_order = torch.randperm(len(rows), generator=generator).tolist()
         grouped_order = list(LengthGroupedSampler(args.batch, lengths=lengths, generator=generator))
         drawn = {
-            name: spread(batches(rows, order, args.batch, tokenizer.pad_token_id), steps)
+            name: spread_batches(rows, order, args.batch, steps, tokenizer.pad_token_id)
             for name, order in (("random", random_order), ("grouped", grouped_order))
         }
         runs = {
