@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.utils import logging
 
 from fedem.loss import causal_lm_loss
@@ -117,7 +117,7 @@ def main() -> int:
     ids = [torch.randint(3, VOCAB, shape, generator=generator) for _ in range(args.warmup + args.steps)]
     batches = [{"input_ids": row, "labels": row} for row in ids]
 
-    def adapter(fused: bool) -> torch.nn.Module:
+    def adapter(fused: bool) -> PeftModel:
         torch.manual_seed(0)
         config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
         model = build_model(size, Vocab(VOCAB))  # type: ignore[arg-type]

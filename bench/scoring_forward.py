@@ -14,6 +14,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,12 @@ def main() -> int:
     size, lengths = (TINY, [64]) if args.quick else (SMALL, args.lengths)
     torch.manual_seed(0)
     model = build_model(size, Vocab(VOCAB)).eval()  # type: ignore[arg-type]
-    rows = []
+    rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for length in lengths:
             generator = torch.Generator().manual_seed(length)
             ids = torch.randint(3, VOCAB, (args.batch, length), generator=generator)
-            seconds = best_seconds(lambda ids=ids: model(ids), args.rounds)
+            seconds = best_seconds(partial(model, ids), args.rounds)
             rows.append({"what": f"whole forward, L={length}", "seconds": seconds})
         scan = scan_inputs(size, args.batch, lengths[-1])
         seconds = best_seconds(lambda: ChunkedScan.apply(*scan, None, size.chunk_size), args.rounds)
