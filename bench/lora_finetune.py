@@ -1,14 +1,14 @@
 """LoRA against full fine-tuning of seshu-small: trainable share, training speed, and what a donor uploads.
 
-In one process, on the same random batches: full fine-tuning (every weight trained, AdamW state for
-all of them), LoRA with fedem's recipe (`fedem.train.finetune`'s targets, `LORA_TARGETS`: rank 8 on
-`in_proj`), LoRA through peft's own layer, and the frozen base alone, taking turns step by step after
-a warm-up (forward, backward, clipping, fused AdamW); each one's median step time gives its tokens/s. The
-frozen base trains nothing: its backward computes every activation gradient from the loss down to the
-first in_proj's output and no weight gradient, the least any adapter on in_proj must compute, so
-full ÷ frozen is the ceiling of the LoRA ratio on this machine. Then LoRA and full are saved the
-way fedem saves them — `save_pretrained` of the model (what a full update would have to ship) and of
-the peft adapter (what `fedem client run` pushes) — and the file sizes compared. Targets (issue 5):
+In one process, on the same random batches: full fine-tuning (every weight trained, AdamW state for all
+of them), LoRA with fedem's recipe (`fedem finetune`'s defaults, `LoraSettings`: rank 8 on `in_proj`,
+dropout 0.05), LoRA through peft's own layer, and the frozen base alone, taking turns step by step after
+a warm-up (forward, backward, clipping, fused AdamW); each one's median step time gives its tokens/s.
+The frozen base trains nothing: its backward computes every activation gradient from the loss down to
+the first in_proj's output and no weight gradient, the least any adapter on in_proj must compute, so
+full ÷ frozen is the ceiling of the LoRA ratio on this machine. Then LoRA and full are saved the way
+fedem saves them — `save_pretrained` of the model (what a full update would have to ship) and of the
+peft adapter (what `fedem client run` pushes) — and the file sizes compared. Targets (issue 5):
 trainable ≤ 2%, LoRA tokens/s ≥ 1.3× full fine-tuning.
 Results: `<out>/lora_finetune.{json,md}`.
 
@@ -31,13 +31,14 @@ from transformers.utils import logging
 
 from fedem.loss import causal_lm_loss
 from fedem.model.lora import with_fused_layers
-from fedem.model.seshu import LORA_TARGETS, build_model, count_parameters
+from fedem.model.seshu import build_model, count_parameters
 from fedem.train.allocator import keep_freed_memory
+from fedem.train.config import LoraSettings
 from generation_latency import SMALL, TINY, VOCAB, Vocab
 from machine import machine_info, machine_line, write_report
 
 REPO = Path(__file__).resolve().parents[1]
-RANK = 8
+RECIPE = LoraSettings()  # `fedem finetune`'s defaults: rank, alpha, dropout, targets
 
 Batch = Mapping[str, torch.Tensor]  # input_ids and labels, optionally attention_mask
 Step = Callable[[Batch], None]
@@ -119,7 +120,12 @@ def main() -> int:
 
     def adapter(fused: bool) -> PeftModel:
         torch.manual_seed(0)
-        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(LORA_TARGETS), lora_dropout=0.0)
+        config = LoraConfig(
+            r=RECIPE.r,
+            lora_alpha=RECIPE.alpha,
+            target_modules=list(RECIPE.target_modules),
+            lora_dropout=RECIPE.dropout,
+        )
         model = build_model(size, Vocab(VOCAB))  # type: ignore[arg-type]
         return get_peft_model(model, with_fused_layers(config) if fused else config)
 
@@ -154,7 +160,7 @@ def main() -> int:
         "length": length,
         "batch": args.batch,
         "steps": args.steps,
-        "lora": {"rank": RANK, "targets": list(LORA_TARGETS)},
+        "lora": {"rank": RECIPE.r, "dropout": RECIPE.dropout, "targets": list(RECIPE.target_modules)},
         "parameters": total,
         "trainable": trainable,
         "trainable_share": round(share, 5),
@@ -198,7 +204,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Length {report['length']}, batch {report['batch']}, the median of {report['steps']} timed steps "
         "each, the four runs taking turns step by step, float32. "
-        f"LoRA rank {report['lora']['rank']} on {', '.join(report['lora']['targets'])}.",
+        f"LoRA rank {report['lora']['rank']} on {', '.join(report['lora']['targets'])}, "
+        f"dropout {report['lora']['dropout']} (`fedem finetune`'s defaults).",
         "",
         "| | full fine-tuning | LoRA | LoRA / full |",
         "|---|---|---|---|",

@@ -32,14 +32,31 @@ class Projection(torch.nn.Module):
         return self.in_proj(x)
 
 
+class SameDraws(torch.nn.Module):
+    """Dropout that zeroes the elements `fused.dropped_positions` picks from the same random state: the
+    mask fedem's layer draws, so that peft's layer can be compared with it exactly."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = torch.ones(x.numel(), dtype=x.dtype)
+        kept[fused.dropped_positions(x.numel(), self.p, x.device)] = 0
+        return x * kept.view_as(x) / (1 - self.p)
+
+
 def _pair(bias: bool, dropout: float, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The same adapter (B random, so it contributes) through peft's layer and through fedem's."""
+    """The same adapter (B random, so it contributes) through peft's layer and through fedem's, their
+    dropout masks the same."""
     torch.manual_seed(0)
     base = Projection(bias, dtype)
     settings = {"r": 4, "lora_alpha": 12, "target_modules": ["in_proj"], "lora_dropout": dropout}
     stock = get_peft_model(copy.deepcopy(base), LoraConfig(**settings, init_lora_weights=False))
     ours = get_peft_model(copy.deepcopy(base), with_fused_layers(LoraConfig(**settings)))
     ours.load_state_dict(stock.state_dict())
+    if dropout:
+        stock.base_model.model.in_proj.lora_dropout["default"] = SameDraws(dropout)
     assert type(stock.base_model.model.in_proj) is PeftLoraLinear
     assert type(ours.base_model.model.in_proj) is LoraLinear
     return stock, ours
@@ -103,6 +120,30 @@ def test_fused_layer_matches_peft(
     for actual, reference in zip(got, expected, strict=True):
         assert actual.shape == reference.shape
         assert rel_err(actual, reference) <= tolerance
+
+
+@pytest.mark.parametrize("numel,p", [(3000, 0.05), (3000, 0.3), (3000, 0.9), (3, 0.05)])
+def test_dropout_drops_each_element_independently_with_probability_p(numel: int, p: float) -> None:
+    """As `nn.Dropout` does, drawn as gaps between drops: every element alike, the start and the end
+    too, each call anew. With 3 elements the first draw falls short of the end once in ~140 calls
+    and is extended."""
+    draws = 300 if numel > 10 else 20_000
+    torch.manual_seed(0)
+    counts = torch.zeros(numel)
+    for _ in range(draws):
+        positions = fused.dropped_positions(numel, p, torch.device("cpu"))
+        assert positions.dtype == torch.int64 and bool((positions.diff() > 0).all())
+        assert positions.numel() == 0 or 0 <= int(positions[0]) <= int(positions[-1]) < numel
+        counts[positions] += 1
+    rate = counts / draws
+    sigma = (p * (1 - p) / draws) ** 0.5  # of one element's rate
+    assert abs(float(rate.mean()) - p) < 5 * sigma / numel**0.5
+    if numel > 10:  # no place favoured, and per element a binomial spread
+        tenths = rate.view(10, -1).mean(1)
+        assert float((tenths - p).abs().max()) < 5 * sigma / (numel / 10) ** 0.5
+        assert 0.8 < float(rate.var()) / sigma**2 < 1.2
+    else:
+        assert float((rate - p).abs().max()) < 5 * sigma
 
 
 def test_peft_runs_what_the_layer_does_not_fuse() -> None:

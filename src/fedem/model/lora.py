@@ -17,13 +17,20 @@ backward 37.6 → 27.1 ms on an Intel Xeon, against 21.9 ms for the frozen Linea
 (AVX2), 101 ms through peft's layer and 61 ms through this one, the frozen Linear's 60 (∂B's product
 in the layout below and whole BLAS tiles in forward took 25 ms off).
 
+Dropout (peft's `nn.Dropout` before A, p = 0.05 in `fedem finetune`) draws one random number per
+element of x: 10–15 ms at in_proj's (4096, 320) on an AMD EPYC, against 0.9 ms for x·Aᵀ, and with its
+backward ~10% of a LoRA step of seshu-small. `dropped_positions` draws the same Bernoulli mask as the
+gaps between dropped elements, ~p·numel numbers (3.3 ms there), and the layer zeroes those elements
+of its copy of x and of the adapter's share of ∂x: a LoRA step with dropout 0.05 then took the time
+of one without (0.999×, against 1.096× through `nn.Dropout`; docs/design.md, "LoRA dropout").
+
 `LoraLinear` is peft's `lora.Linear` with that forward; everything else — adapter names, merging,
 saving (the same `lora_A`/`lora_B` tensors, the same adapter_config.json), variants, dtype casting —
 is peft's. It takes the fused path for the plain case (one active vanilla adapter, not merged, no
-LoRA bias, no autocast, one dtype throughout) and hands any other to peft's own forward, as it does a
-decoding step (fewer than `MIN_ROWS` rows, no gradients), where joining the weights costs more than
-peft's three thin products (0.81 against 0.46 ms a layer at seshu-small's in_proj, one new token of a
-batch of 8; merged, 0.20).
+LoRA bias, `nn.Dropout` or none, no autocast, one dtype throughout) and hands any other to peft's own
+forward, as it does a decoding step (fewer than `MIN_ROWS` rows, no gradients), where joining the
+weights costs more than peft's three thin products (0.81 against 0.46 ms a layer at seshu-small's
+in_proj, one new token of a batch of 8; merged, 0.20).
 `with_fused_layers` registers it on a `LoraConfig` through peft's custom-module API; the registration
 is not saved, so a saved adapter loads with plain peft.
 """
@@ -39,14 +46,33 @@ from fedem.model.projection import TiledLinear, few_rows, tiled_product
 Tensor = torch.Tensor
 
 
-class LowRankLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b + s·(x_a·Aᵀ)·Bᵀ, x_a = dropout(x) (None: x itself); see the module docstring.
+def dropped_positions(numel: int, p: float, device: torch.device) -> Tensor:
+    """Flat indices (sorted) of the elements that dropout with probability `p` zeroes among `numel`.
 
-    Shapes: x and x_a (…, in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r)
-    → (…, out). The product runs over whole BLAS tiles, as `fedem.model.projection.TiledProduct`'s, and
-    the output is its view as there where `tiled`, else a contiguous copy, as a plain Linear's output
-    (other models' code may `view` it). Gradients only for the inputs that need one (a frozen base
-    gets none).
+    Each element is dropped independently with probability p, as by `nn.Dropout`, but the draw is of
+    the gaps between successive drops, Geometric(p) on {1, 2, …}: ~p·numel random numbers rather than
+    one per element. Gaps add up in float64, exact past float32's 2²⁴.
+    """
+    expected = numel * p
+    draws = int(expected + 4 * (expected * (1 - p)) ** 0.5) + 1  # rarely too few: then draw again
+    chunks, last = [], -1.0
+    while last < numel:
+        positions = torch.empty(draws, dtype=torch.float64, device=device).geometric_(p).cumsum_(0).add_(last)
+        chunks.append(positions)
+        last = float(positions[-1])
+    positions = torch.cat(chunks).long()
+    return positions[positions < numel]
+
+
+class LowRankLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b + s·(x_d·Aᵀ)·Bᵀ, x_d = x with the elements at `dropped` zeroed and the rest scaled
+    by 1/(1 − p) (dropout; `dropped` None: x itself); see the module docstring.
+
+    Shapes: x (…, in), weight (out, in), bias (out,) or None, lora_A (r, in), lora_B (out, r), dropped
+    (D,) flat indices into x → (…, out). The product runs over whole BLAS tiles, as
+    `fedem.model.projection.TiledProduct`'s, and the output is its view as there where `tiled`, else a
+    contiguous copy, as a plain Linear's output (other models' code may `view` it). Gradients only for
+    the inputs that need one (a frozen base gets none).
     """
 
     @staticmethod
@@ -58,48 +84,56 @@ class LowRankLinear(torch.autograd.Function):
         lora_A: Tensor,
         lora_B: Tensor,
         scaling: float,
-        x_a: Tensor | None,
+        dropped: Tensor | None,
+        p: float,
         tiled: bool,
     ) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (T, in)
-        rows_a = rows if x_a is None else x_a.reshape(-1, x.shape[-1])
-        h = rows_a @ lora_A.t()  # (T, r)
+        if dropped is None:
+            rows_d = rows
+            h = rows @ lora_A.t()  # (T, r)
+        else:
+            rows_d = rows.clone(memory_format=torch.contiguous_format)
+            rows_d.view(-1).index_fill_(0, dropped, 0)  # dropout's zeros; 1/(1 − p) is applied to h
+            h = (rows_d @ lora_A.t()).div_(1 - p)
         y = tiled_product(torch.cat([rows, h], dim=1), (weight, lora_B * scaling), bias)
         y = y if tiled else y.contiguous()
-        ctx.save_for_backward(rows, weight, lora_A, lora_B, h, None if x_a is None else rows_a)
-        ctx.scaling = scaling
+        ctx.save_for_backward(rows, weight, lora_A, lora_B, h, None if dropped is None else rows_d, dropped)
+        ctx.scaling, ctx.keep = scaling, 1 - p
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
         return y.unflatten(0, x.shape[:-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        rows, weight, lora_A, lora_B, h, rows_a = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_A, need_B, _, need_x_a, _ = ctx.needs_input_grad
-        s, width = ctx.scaling, weight.shape[1]
+        rows, weight, lora_A, lora_B, h, rows_d, dropped = ctx.saved_tensors
+        need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        width = weight.shape[1]
+        # The adapter's path scales by s, and by 1/(1 − p) the elements dropout kept.
+        s = ctx.scaling if dropped is None else ctx.scaling / ctx.keep
         g = grad_y.reshape(-1, grad_y.shape[-1])  # (T, out)
         if need_x:
             both = g @ torch.cat([weight, lora_B], dim=1)  # [∂x from the base | t]: (T, in + r)
             t = both[:, width:]
         else:  # the first layer under a frozen embedding: only the adapter's t, not the base's ∂x
             t = (lora_B.t() @ g.t()).t()
-        grad_x = grad_x_a = None
-        if rows_a is None:  # no dropout: the adapter's share of ∂x joins the base's
-            if need_x:
-                grad_x = torch.addmm(both[:, :width], t, lora_A, alpha=s)
-        else:
-            grad_x = both[:, :width] if need_x else None
-            grad_x_a = torch.mm(t, lora_A).mul_(s) if need_x_a else None
+        grad_x = None
+        if need_x and dropped is None:  # the adapter's share of ∂x joins the base's
+            grad_x = torch.addmm(both[:, :width], t, lora_A, alpha=s)
+        elif need_x:  # the same, but none for the elements dropout zeroed
+            adapter_share = (t @ lora_A).view(-1).index_fill_(0, dropped, 0).view(-1, width)
+            grad_x = both[:, :width].add_(adapter_share, alpha=s)
         return (
             None if grad_x is None else grad_x.view(ctx.x_shape),
             g.t() @ rows if need_weight else None,
             g.sum(0) if need_bias and ctx.has_bias else None,
-            (t.t() @ (rows if rows_a is None else rows_a)).mul_(s) if need_A else None,
+            (t.t() @ (rows if rows_d is None else rows_d)).mul_(s) if need_A else None,
             # ∂Bᵀ = hᵀ·∂y, transposed back: MKL's (out, T)·(T, r) product, with the transposed ∂y,
             # ran at ~4 GFLOP/s on an AMD EPYC (30 ms at in_proj's (4096, 1418); this one 4 ms).
-            (h.t() @ g).mul_(s).t() if need_B else None,
+            (h.t() @ g).mul_(ctx.scaling).t() if need_B else None,
             None,
-            None if grad_x_a is None else grad_x_a.view(ctx.x_shape),
+            None,
+            None,
             None,
         )
 
@@ -113,7 +147,7 @@ class LoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         base = cast(torch.nn.Linear, self.get_base_layer())  # `_plain_adapter` checked its type
         dropout = self.lora_dropout[adapter]
-        x_a = None if isinstance(dropout, torch.nn.Identity) or not self.training else dropout(x)
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
         return LowRankLinear.apply(
             x,
             base.weight,
@@ -121,7 +155,8 @@ class LoraLinear(PeftLoraLinear):
             self.lora_A[adapter].weight,
             self.lora_B[adapter].weight,
             self.scaling[adapter],
-            x_a,
+            dropped_positions(x.numel(), p, x.device) if p > 0 else None,
+            p,
             type(base) is TiledLinear,
         )
 
@@ -138,6 +173,7 @@ class LoraLinear(PeftLoraLinear):
         if (
             name in self.lora_variant
             or self.lora_B[name].bias is not None
+            or type(self.lora_dropout[name]) not in (torch.nn.Identity, torch.nn.Dropout)
             or type(base) not in (torch.nn.Linear, TiledLinear)
             or torch.is_autocast_enabled(x.device.type)
             or any(w.dtype != x.dtype for w in weights)
