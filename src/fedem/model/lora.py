@@ -118,11 +118,11 @@ class LowRankLinear(torch.autograd.Function):
         else:  # the first layer under a frozen embedding: only the adapter's t, not the base's ∂x
             t = (lora_B.t() @ g.t()).t()
         grad_x = None
-        if need_x and dropped is None:  # the adapter's share of ∂x joins the base's
+        if need_x:  # the adapter's share of ∂x joins the base's…
             grad_x = torch.addmm(both[:, :width], t, lora_A, alpha=s)
-        elif need_x:  # the same, but none for the elements dropout zeroed
-            adapter_share = (t @ lora_A).view(-1).index_fill_(0, dropped, 0).view(-1, width)
-            grad_x = both[:, :width].add_(adapter_share, alpha=s)
+            if dropped is not None:  # …but where dropout zeroed x, the base's share alone
+                in_both = dropped + (dropped // width) * (both.shape[1] - width)  # (i, j) in both
+                grad_x.view(-1).index_copy_(0, dropped, both.view(-1)[in_both])
         return (
             None if grad_x is None else grad_x.view(ctx.x_shape),
             g.t() @ rows if need_weight else None,
