@@ -98,7 +98,7 @@ class LowRankLinear(torch.autograd.Function):
             h = (rows_d @ lora_A.t()).div_(1 - p)
         y = tiled_product(torch.cat([rows, h], dim=1), (weight, lora_B * scaling), bias)
         y = y if tiled else y.contiguous()
-        ctx.save_for_backward(rows, weight, lora_A, lora_B, h, None if dropped is None else rows_d, dropped)
+        ctx.save_for_backward(rows, weight, lora_A, lora_B, h, rows_d, dropped)
         ctx.scaling, ctx.keep = scaling, 1 - p
         ctx.has_bias = bias is not None
         ctx.x_shape = x.shape
@@ -127,7 +127,7 @@ class LowRankLinear(torch.autograd.Function):
             None if grad_x is None else grad_x.view(ctx.x_shape),
             g.t() @ rows if need_weight else None,
             g.sum(0) if need_bias and ctx.has_bias else None,
-            (t.t() @ (rows if rows_d is None else rows_d)).mul_(s) if need_A else None,
+            (t.t() @ rows_d).mul_(s) if need_A else None,
             # ∂Bᵀ = hᵀ·∂y, transposed back: MKL's (out, T)·(T, r) product, with the transposed ∂y,
             # ran at ~4 GFLOP/s on an AMD EPYC (30 ms at in_proj's (4096, 1418); this one 4 ms).
             (h.t() @ g).mul_(ctx.scaling).t() if need_B else None,
