@@ -11,12 +11,13 @@ DEMO := runs/demo
 
 # torch first: on a CPU-only machine `torch==2.13.0` is the CPU wheel on local disk, while an
 # unpinned torch would pull a multi-GB CUDA build. With a GPU, the default (CUDA) build is wanted.
-$(STAMP): pyproject.toml
+# Everything else at the versions in constraints.txt, the set the suite last passed on.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e '.[dev,postgres]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,postgres]'
 	touch $(STAMP)
 
 install: $(STAMP)
