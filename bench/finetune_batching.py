@@ -10,8 +10,8 @@ sends only labelled positions through the head (`fedem.loss`).
 In one process, seshu-small over a tokenizer trained on the shipped corpus, fedem's en→xx rows of
 one language pair (max_length 192, batch 8), taking turns batch by batch after every shape has been
 compiled: LoRA on rows drawn at random (the Trainer's default sampler), LoRA on length-grouped rows
-(fedem's), and full fine-tuning on the same grouped rows, each over batches spread evenly through an
-epoch of its order. Each one's text tokens/s (positions that are not padding) over the same number
+(fedem's), and full fine-tuning on the same grouped rows, each over batches drawn at random places
+of an epoch of its order. Each one's text tokens/s (positions that are not padding) over the same number
 of steps, and the share of padding and of labelled positions.
 Results: `<out>/finetune_batching.{json,md}`.
 
@@ -49,18 +49,25 @@ MAX_LENGTH = 192
 
 
 def spread_batches(
-    rows: list[tuple[list[int], list[int]]], order: list[int], size: int, count: int, pad_id: int
+    rows: list[tuple[list[int], list[int]]],
+    order: list[int],
+    size: int,
+    count: int,
+    pad_id: int,
+    generator: torch.Generator,
 ) -> list[Batch]:
-    """`count` padded batches of `size` rows, evenly spaced over the whole epoch that `order` makes: a
-    grouped epoch runs from its longest rows to its shortest within each megabatch, so its first
-    batches would stand for the long rows only."""
+    """`count` padded batches of `size` rows at random places in the whole epoch that `order` makes, in
+    epoch order. A grouped epoch's first batches are its longest rows, and batches evenly spaced
+    through it land on the same place of each 50-batch megabatch (every 75th batch: alternately a
+    megabatch's first, its longest, and its middle one)."""
     epoch = [order[start : start + size] for start in range(0, len(order), size)]
+    picked = torch.randperm(len(epoch), generator=generator)[:count].sort().values.tolist()
     return [
         pad_batch(
-            [{"input_ids": torch.tensor(rows[i][0]), "labels": torch.tensor(rows[i][1])} for i in batch],
+            [{"input_ids": torch.tensor(rows[i][0]), "labels": torch.tensor(rows[i][1])} for i in epoch[n]],
             pad_id,
         )
-        for batch in epoch[:: max(1, len(epoch) // count)][:count]
+        for n in picked
     ]
 
 
@@ -99,7 +106,7 @@ def main() -> int:
     )
     parser.add_argument("--pairs", type=Path, default=REPO / "data" / "parallel" / "en-hi.tsv")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=16, help="timed steps per run (--quick: 3)")
+    parser.add_argument("--steps", type=int, default=48, help="timed steps per run (--quick: 3)")
     parser.add_argument("--quick", action="store_true", help="tiny model and vocabulary: a smoke run")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
@@ -128,7 +135,7 @@ def main() -> int:
         random_order = torch.randperm(len(rows), generator=generator).tolist()
         grouped_order = list(LengthGroupedSampler(args.batch, lengths=lengths, generator=generator))
         drawn = {
-            name: spread_batches(rows, order, args.batch, steps, tokenizer.pad_token_id)
+            name: spread_batches(rows, order, args.batch, steps, tokenizer.pad_token_id, generator)
             for name, order in (("random", random_order), ("grouped", grouped_order))
         }
         runs = {
@@ -169,7 +176,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"Seshu {report['size']['hidden_size']}×{report['size']['num_hidden_layers']}, vocabulary "
             f"{report['vocabulary']:,}; {report['rows']:,} en→xx rows of {report['pairs']} (max_length "
             f"{report['max_length']}), batch {report['batch']}, {report['steps']} timed steps each on "
-            "batches spread evenly through an epoch, the three runs taking turns batch by batch after "
+            "batches drawn at random places of an epoch, the three runs taking turns batch by batch after "
             "every batch had run once; float32, fused AdamW. "
             "Text tokens are the positions that are not padding; the loss counts the labelled ones (the "
             "translation).",

@@ -37,8 +37,8 @@ def training_arguments(
 
     `group_by_length` batches rows of similar length together (HF's `LengthGroupedSampler`: shuffled
     megabatches of 50 batches, sorted within), for padded rows of varying length. On fedem's en-hi
-    translation rows (max_length 192, batch 8) 49% of a random batch's positions were text and 99% of
-    a grouped one's: 1.88–1.92× the text tokens per second of LoRA fine-tuning on 2 cores
+    translation rows (max_length 192, batch 8) 45% of a random batch's positions were text and 97% of
+    a grouped one's: 1.5× the text tokens per second of LoRA fine-tuning on 2 cores
     (bench/results/finetune_batching.md).
     """
     on_gpu = torch.cuda.is_available()
