@@ -58,8 +58,8 @@ def spread_batches(
 ) -> list[Batch]:
     """`count` padded batches of `size` rows at random places in the whole epoch that `order` makes, in
     epoch order. A grouped epoch's first batches are its longest rows, and batches evenly spaced
-    through it land on the same place of each 50-batch megabatch (every 75th batch: alternately a
-    megabatch's first, its longest, and its middle one)."""
+    through it land on the same places of each 50-batch megabatch (every 75th batch, 16 of an epoch of
+    1,200: alternately a megabatch's first, which is its longest, and its middle one)."""
     epoch = [order[start : start + size] for start in range(0, len(order), size)]
     picked = torch.randperm(len(epoch), generator=generator)[:count].sort().values.tolist()
     return [
